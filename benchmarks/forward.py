@@ -1,0 +1,51 @@
+"""HookedViT forward cost against the source timm model, measured in one run.
+
+    python benchmarks/forward.py [--device cuda] [--batch 8] [--model vit_small_patch16_224]
+
+Prints the ratios (HookedViT no hooks / timm, run_with_cache of every hook / timm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, time_interleaved  # noqa: E402
+
+from patchlens import HookedViT  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    src = timm.create_model(args.model, pretrained=False).eval().to(args.device)
+    model = HookedViT.from_timm(src)
+    x = torch.randn(args.batch, 3, 224, 224, device=args.device)
+    with torch.inference_mode():
+        times = time_interleaved({
+            "timm": lambda: src(x),
+            "hooked": lambda: model(x),
+            "cache_all": lambda: model.run_with_cache(x),
+        }, repeats=args.repeats, device=args.device)
+    ratios = {"hooked/timm": times["hooked"] / times["timm"],
+              "cache_all/timm": times["cache_all"] / times["timm"]}
+    print(f"forward benchmark: {args.model}, batch {args.batch}, {machine()}")
+    for k, v in times.items():
+        print(f"  {k:10s} {v * 1000:8.1f} ms")
+    for k, v in ratios.items():
+        print(f"  {k:16s} {v:.3f}")
+    return ratios
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""mkdocs hook: replaces ``<!-- HOOK_TABLE -->`` in hooks.md with the hook table of a real model
+(built at docs-build time, so the reference cannot go stale)."""
+
+from __future__ import annotations
+
+
+def _table() -> str:
+    import torch
+
+    from patchlens import HookedViT, ViTConfig
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(d_model=64, d_head=16, n_heads=4, n_layers=2, d_mlp=128, image_size=(32, 32),
+                    patch_size=(8, 8), n_classes=10, n_registers=1)
+    model = HookedViT(cfg).eval()
+    lines = [
+        "Measured on a 2-layer model (d_model 64, 4 heads, d_head 16, d_mlp 128, a class token and "
+        "one register, 4x4 patch grid = 18 tokens, 10 classes) with one image and the opt-in hooks "
+        "switched on.",
+        "",
+        "| hook | shape on one image | axes |",
+        "| --- | --- | --- |",
+    ]
+    for row in model.hook_table():
+        if row["name"].startswith("blocks.") and not row["name"].startswith("blocks.0."):
+            continue
+        lines.append(f"| `{row['name']}` | {row['shape']} | `[{row['axes']}]` |")
+    lines.append("")
+    lines.append("Every block `blocks.{l}` has the same hooks as `blocks.0` shown here.")
+    return "\n".join(lines)
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if "<!-- HOOK_TABLE -->" in markdown:
+        return markdown.replace("<!-- HOOK_TABLE -->", _table())
+    return markdown

@@ -1,0 +1,68 @@
+"""patchlens: mechanistic interpretability for Vision Transformers.
+
+Turn a timm or Hugging Face ViT into a `HookedViT` with TransformerLens hook points, then patch
+activations, trace paths, attribute with CAAP, and check how far interventions drift from the
+model's natural distribution.
+"""
+
+from patchlens.errors import (
+    CheckpointMismatchError,
+    InputError,
+    PatchlensError,
+    UnknownHookError,
+    UnknownModelError,
+    UnsupportedModelError,
+)
+from patchlens import metrics
+from patchlens.model import HookedViT, TokenLayout, ViTConfig
+from patchlens.patching import (
+    Add,
+    Custom,
+    Interchange,
+    Intervention,
+    Mean,
+    Noise,
+    PatchResult,
+    Recipe,
+    Rect,
+    Resample,
+    Scale,
+    Site,
+    Variant,
+    Zero,
+    patch,
+    run_variants,
+)
+from patchlens.recipes.activation import activation_patching
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "metrics",
+    "activation_patching",
+    "Site",
+    "Rect",
+    "Intervention",
+    "Interchange",
+    "Zero",
+    "Mean",
+    "Resample",
+    "Noise",
+    "Add",
+    "Scale",
+    "Custom",
+    "Recipe",
+    "Variant",
+    "patch",
+    "run_variants",
+    "PatchResult",
+    "HookedViT",
+    "ViTConfig",
+    "TokenLayout",
+    "PatchlensError",
+    "UnsupportedModelError",
+    "UnknownHookError",
+    "UnknownModelError",
+    "CheckpointMismatchError",
+    "InputError",
+]

@@ -1,0 +1,345 @@
+"""The pieces of a `HookedViT`, each with TransformerLens-named `HookPoint`s.
+
+Weights are stored in the fused layouts that run fastest (one ``qkv`` linear, one output
+projection); the TransformerLens views ``W_Q``/``W_K``/``W_V`` ``[head, d_model, d_head]`` and
+``W_O`` ``[head, d_head, d_model]`` are properties over them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from patchlens.model.config import ViTConfig
+
+
+def is_hooked(*points: HookPoint) -> bool:
+    """True if any of the hook points has a forward or backward hook attached."""
+    return any(p.fwd_hooks or p.bwd_hooks for p in points)
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """CLIP's GELU approximation ``x * sigmoid(1.702 x)``."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str):
+    return {
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "quick_gelu": quick_gelu,
+        "relu": F.relu,
+        "silu": F.silu,
+    }[name]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with ``hook_scale`` ``[..., 1]`` and ``hook_normalized`` ``[..., d]``.
+
+    Takes the fused ``F.layer_norm`` kernel unless one of its hooks is in use.
+    """
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.d, self.eps = d, eps
+        self.w = nn.Parameter(torch.ones(d))
+        self.b = nn.Parameter(torch.zeros(d))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        if not is_hooked(self.hook_scale, self.hook_normalized):
+            return F.layer_norm(x, (self.d,), self.w, self.b, self.eps)
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        scale = (var + self.eps).sqrt()
+        kept = scale.clone()
+        new_scale = self.hook_scale(scale)
+        if torch.equal(new_scale, kept):  # the hooks only read the scale: fused kernel
+            out = F.layer_norm(x, (self.d,), self.w, self.b, self.eps)
+        else:
+            out = (x - mean) / new_scale * self.w + self.b
+        return self.hook_normalized(out)
+
+
+class Embed(nn.Module):
+    """Patch projection, prefix tokens and position embedding. Returns the token embeddings
+    (prefix tokens then patches) and the position embedding per token (zero where a token has
+    none); `HookedViT` hooks them as ``hook_embed`` and ``hook_pos_embed``."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.proj = nn.Conv2d(
+            cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+            bias=cfg.patch_bias,
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, d)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, d)) if cfg.distilled else None
+        self.reg_tokens = nn.Parameter(torch.zeros(cfg.n_registers, d)) if cfg.n_registers else None
+        n_pos = cfg.n_pos_prefix + cfg.n_patches
+        self.pos_embed = nn.Parameter(torch.zeros(n_pos, d)) if cfg.pos_embed else None
+
+    def prefix_tokens(self) -> list[Tensor]:
+        return [t for t in (self.cls_token, self.dist_token, self.reg_tokens) if t is not None]
+
+    def position_embedding(self, grid: tuple[int, int]) -> Float[Tensor, "pos d_model"]:
+        """Position embedding for every token at patch grid ``grid`` (resampled if needed)."""
+        cfg = self.cfg
+        k = cfg.n_pos_prefix
+        pos_prefix, pos_patch = self.pos_embed[:k], self.pos_embed[k:]
+        if tuple(grid) != tuple(cfg.grid_size):
+            pos_patch = resample_position_embedding(pos_patch, cfg.grid_size, grid, cfg.pos_interp)
+        zeros = pos_patch.new_zeros(cfg.n_prefix - k, cfg.d_model)
+        return torch.cat([pos_prefix, zeros, pos_patch], dim=0)
+
+    def forward(
+        self, x: Float[Tensor, "batch chan height width"]
+    ) -> tuple[Float[Tensor, "batch pos d"], Float[Tensor, "batch pos d"] | None]:
+        patches = self.proj(x)
+        grid = (patches.shape[-2], patches.shape[-1])
+        patches = patches.flatten(2).transpose(1, 2)
+        b = patches.shape[0]
+        prefix = [t.unsqueeze(0).expand(b, -1, -1) for t in self.prefix_tokens()]
+        tokens = torch.cat(prefix + [patches], dim=1) if prefix else patches
+        if self.pos_embed is None:
+            return tokens, None
+        return tokens, self.position_embedding(grid).unsqueeze(0).expand(b, -1, -1)
+
+
+def resample_position_embedding(
+    pos: Float[Tensor, "n d"], old: tuple[int, int], new: tuple[int, int], method: str | None
+) -> Float[Tensor, "m d"]:
+    """Resample patch position embeddings from grid ``old`` to ``new`` as the source library does."""
+    if method is None:
+        raise ValueError(
+            f"This model was converted for a {old[0]}x{old[1]} patch grid and cannot resample its "
+            f"position embedding to {new[0]}x{new[1]}; pass images of the native size."
+        )
+    d = pos.shape[-1]
+    grid = pos.reshape(1, old[0], old[1], d).permute(0, 3, 1, 2)
+    if method == "timm":
+        from timm.layers import resample_abs_pos_embed
+
+        return resample_abs_pos_embed(pos.unsqueeze(0), list(new), list(old), num_prefix_tokens=0)[0]
+    if method in ("hf_dinov2", "hf_dinov2_reg"):  # float32 bicubic; only "_reg" antialiases
+        out = F.interpolate(
+            grid.to(torch.float32), size=new, mode="bicubic", align_corners=False,
+            antialias=method == "hf_dinov2_reg",
+        ).to(pos.dtype)
+    elif method == "hf_vit":
+        out = F.interpolate(grid, size=new, mode="bicubic", align_corners=False)
+    else:
+        raise ValueError(f"Unknown position-embedding resampling method {method!r}.")
+    return out.permute(0, 2, 3, 1).reshape(-1, d)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention.
+
+    Hooks: ``hook_q|hook_k|hook_v|hook_z`` ``[batch, pos, head, d_head]``,
+    ``hook_attn_scores|hook_pattern`` ``[batch, head, query_pos, key_pos]`` (explicit path only),
+    ``hook_result`` ``[batch, pos, head, d_model]`` (only with ``cfg.use_attn_result``).
+    Uses ``F.scaled_dot_product_attention`` unless the scores or pattern are hooked.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
+        self.qkv = nn.Linear(d, 3 * h * dh, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(h * dh, d, bias=cfg.proj_bias)
+        self.q_norm = LayerNorm(dh, cfg.eps) if cfg.qk_norm else None
+        self.k_norm = LayerNorm(dh, cfg.eps) if cfg.qk_norm else None
+        self.scale = dh**-0.5
+        for name in ("q", "k", "v", "z", "attn_scores", "pattern", "result"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    # TransformerLens weight views -------------------------------------------------------
+    def _qkv_weight(self, i: int) -> Tensor:
+        h, dh, d = self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model
+        return self.qkv.weight[i * h * dh : (i + 1) * h * dh].reshape(h, dh, d).transpose(1, 2)
+
+    def _qkv_bias(self, i: int) -> Tensor:
+        h, dh = self.cfg.n_heads, self.cfg.d_head
+        if self.qkv.bias is None:
+            return self.qkv.weight.new_zeros(h, dh)
+        return self.qkv.bias[i * h * dh : (i + 1) * h * dh].reshape(h, dh)
+
+    W_Q = property(lambda self: self._qkv_weight(0))
+    W_K = property(lambda self: self._qkv_weight(1))
+    W_V = property(lambda self: self._qkv_weight(2))
+    b_Q = property(lambda self: self._qkv_bias(0))
+    b_K = property(lambda self: self._qkv_bias(1))
+    b_V = property(lambda self: self._qkv_bias(2))
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        h, dh = self.cfg.n_heads, self.cfg.d_head
+        return self.proj.weight.T.reshape(h, dh, self.cfg.d_model)
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        if self.proj.bias is None:
+            return self.proj.weight.new_zeros(self.cfg.d_model)
+        return self.proj.bias
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"] | None = None,
+        split: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Attention output (before LayerScale). ``split`` gives normalised per-head inputs
+        ``[batch, pos, head, d_model]`` for q, k, v (TransformerLens ``use_split_qkv_input``)."""
+        cfg = self.cfg
+        h, dh = cfg.n_heads, cfg.d_head
+        if split is None:
+            b, n, _ = x.shape
+            q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).reshape(b, n, 3, h, dh).unbind(2)
+        else:
+            b, n = split[0].shape[:2]
+            q, k, v = (
+                torch.einsum("bphd,hdk->bphk", inp, self._qkv_weight(i)) + self._qkv_bias(i)
+                for i, inp in enumerate(split)
+            )
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if is_hooked(self.hook_attn_scores, self.hook_pattern):
+            scores = self.hook_attn_scores((q @ k.transpose(-2, -1)) * self.scale)
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            z = pattern @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v)
+        z = self.hook_z(z.transpose(1, 2))
+        if cfg.use_attn_result:
+            result = self.hook_result(torch.einsum("bphk,hkd->bphd", z, self.W_O))
+            return result.sum(dim=2) + self.b_O
+        return self.proj(z.reshape(b, n, h * dh))
+
+
+class MLP(nn.Module):
+    """MLP (``fc1 -> act -> fc2``) or gated SwiGLU. Hooks: ``hook_pre`` (and
+    ``hook_pre_linear`` for SwiGLU) and ``hook_post`` ``[batch, pos, d_mlp]``."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gated = cfg.mlp_kind == "swiglu"
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp * (2 if self.gated else 1), bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.act = activation("silu" if self.gated else cfg.act_fn)
+        self.hook_pre = HookPoint()
+        self.hook_pre_linear = HookPoint()
+        self.hook_post = HookPoint()
+
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.fc1.weight[: self.cfg.d_mlp].T
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        return self.fc2.weight.T
+
+    @property
+    def b_out(self) -> Tensor:
+        return self.fc2.bias if self.fc2.bias is not None else self.fc2.weight.new_zeros(self.cfg.d_model)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre = self.fc1(x)
+        if self.gated:
+            gate, lin = pre.chunk(2, dim=-1)
+            post = self.act(self.hook_pre(gate)) * self.hook_pre_linear(lin)
+        else:
+            post = self.act(self.hook_pre(pre))
+        return self.fc2(self.hook_post(post))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block. Hooks: ``hook_resid_pre``, ``hook_attn_out``,
+    ``hook_resid_mid``, ``hook_mlp_out``, ``hook_resid_post`` ``[batch, pos, d_model]``;
+    ``hook_q_input|hook_k_input|hook_v_input`` ``[batch, pos, head, d_model]`` with
+    ``cfg.use_split_qkv_input``. LayerScale is applied inside ``hook_attn_out``/``hook_mlp_out``."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
+        self.attn = Attention(cfg)
+        self.ls1 = LayerScale(cfg.d_model) if cfg.layer_scale else None
+        self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
+        self.mlp = MLP(cfg)
+        self.ls2 = LayerScale(cfg.d_model) if cfg.layer_scale else None
+        for name in ("resid_pre", "q_input", "k_input", "v_input", "attn_out", "resid_mid",
+                     "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        if self.cfg.use_split_qkv_input:
+            per_head = resid_pre.unsqueeze(2).expand(-1, -1, self.cfg.n_heads, -1)
+            split = tuple(
+                self.ln1(hook(per_head.clone()))
+                for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+            )
+            attn = self.attn(split=split)
+        else:
+            attn = self.attn(self.ln1(resid_pre))
+        attn_out = self.hook_attn_out(self.ls1(attn) if self.ls1 is not None else attn)
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp = self.mlp(self.ln2(resid_mid))
+        mlp_out = self.hook_mlp_out(self.ls2(mlp) if self.ls2 is not None else mlp)
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+class AttentionPool(nn.Module):
+    """Multihead attention pooling with a learned latent query (MAP head, as in SigLIP / timm
+    ``AttentionPoolLatent``): ``[batch, pos, d] -> [batch, d]``."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        d, h = cfg.d_model, cfg.n_heads
+        self.n_heads, self.d_head = h, d // h
+        self.latent = nn.Parameter(torch.zeros(1, d))
+        self.q = nn.Linear(d, d, bias=True)
+        self.kv = nn.Linear(d, 2 * d, bias=True)
+        self.proj = nn.Linear(d, d)
+        self.norm = LayerNorm(d, cfg.eps)
+        hidden = int(d * cfg.map_mlp_ratio)
+        self.mlp = MLP(cfg.replace(d_mlp=hidden, mlp_kind="mlp", mlp_bias=True))
+
+    def forward(self, x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch d"]:
+        b, n, d = x.shape
+        h, dh = self.n_heads, self.d_head
+        q = self.q(self.latent).reshape(1, 1, h, dh).transpose(1, 2).expand(b, -1, -1, -1)
+        k, v = self.kv(x).reshape(b, n, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d)
+        out = self.proj(out)
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]
+
+
+def init_weights_(module: nn.Module, std: float = 0.02) -> None:
+    """Small random init (truncated normal weights, zero biases) for models built from a config."""
+    for name, p in module.named_parameters():
+        if name.endswith(".w") or name.endswith("gamma"):
+            nn.init.ones_(p)
+        elif name.endswith(".b") or name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.trunc_normal_(p, std=std if p.dim() > 1 else 1 / math.sqrt(p.shape[-1]))

@@ -1,0 +1,1 @@
+"""Converters: pure functions from a source model's state dict and config to patchlens'."""

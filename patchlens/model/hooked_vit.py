@@ -1,0 +1,355 @@
+"""`HookedViT`: a Vision Transformer with TransformerLens hook points on every activation."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from patchlens.errors import InputError, unknown_hook_error
+from patchlens.model.components import AttentionPool, Block, Embed, LayerNorm, init_weights_
+from patchlens.model.config import ViTConfig
+from patchlens.model.layout import TokenLayout
+
+ReturnType = Literal["logits", "pooled", "resid", None]
+
+
+class HookedViT(HookedRootModule):
+    """A ViT whose activations are all named `HookPoint`s (TransformerLens conventions).
+
+    Build one from a source model with `from_timm`, `from_hf` or `from_pretrained`, or from a
+    `ViTConfig` (random init). ``model(images)`` takes normalised images
+    ``[batch, channels, height, width]`` and returns logits ``[batch, n_classes]`` (pooled
+    features ``[batch, d_pooled]`` for a headless model).
+    """
+
+    def __init__(self, cfg: ViTConfig, init: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.hook_full_embed = HookPoint()
+        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.pre_norm else None
+        self.hook_ln_pre = HookPoint() if cfg.pre_norm else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = (
+            LayerNorm(cfg.d_pooled if cfg.final_norm == "post_pool" else cfg.d_model, cfg.eps)
+            if cfg.final_norm != "none"
+            else None
+        )
+        self.attn_pool = AttentionPool(cfg) if cfg.pooling == "map" else None
+        self.hook_pooled = HookPoint()
+        self.hook_pooled_dist = HookPoint() if cfg.distilled else None
+        zs = cfg.extra.get("zeroshot")  # CLIP zero-shot head: see patchlens.zeroshot
+        proj = zs and zs["image_proj"]
+        self.image_proj = nn.Linear(cfg.d_pooled, zs["embed_dim"], bias=False) if proj else None
+        self.hook_image_embed = HookPoint() if zs else None
+        self.hook_normalized_embed = HookPoint() if zs else None
+        d_in = zs["embed_dim"] if zs else cfg.d_pooled
+        self.head = nn.Linear(d_in, cfg.n_classes, bias=cfg.head_bias) if cfg.n_classes else None
+        self.head_dist = (
+            nn.Linear(cfg.d_pooled, cfg.n_classes, bias=cfg.head_bias)
+            if cfg.n_classes and cfg.distilled
+            else None
+        )
+        self.hook_logits = HookPoint()
+        if init:
+            init_weights_(self)
+        self.setup()
+
+    # ---- TransformerLens-compatible aliases -------------------------------------------------
+    @property
+    def layout(self) -> TokenLayout:
+        """Token layout at the native image size (see `layout_for` for other sizes)."""
+        return TokenLayout.from_config(self.cfg)
+
+    def layout_for(self, image_size: tuple[int, int]) -> TokenLayout:
+        ph, pw = self.cfg.patch_size
+        return TokenLayout.from_config(self.cfg, (image_size[0] // ph, image_size[1] // pw))
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_pooled n_classes"]:
+        """The classification head's weight as a TransformerLens unembedding ``[d, classes]``."""
+        if self.head is None:
+            raise InputError("This model is headless (n_classes == 0): it has no W_U.")
+        return self.head.weight.T
+
+    @property
+    def b_U(self) -> Tensor:
+        if self.head is None or self.head.bias is None:
+            return self.W_U.new_zeros(self.cfg.n_classes)
+        return self.head.bias
+
+    # ---- forward ----------------------------------------------------------------------------
+    def check_images(self, x: Tensor) -> None:
+        """Raise `InputError` if ``x`` is not a valid image batch for this model."""
+        cfg = self.cfg
+        if not isinstance(x, Tensor):
+            raise InputError(
+                f"HookedViT takes a float tensor [batch, {cfg.in_channels}, H, W], got "
+                f"{type(x).__name__}; use model.preprocess(...) for images, paths or arrays."
+            )
+        if not x.is_floating_point():
+            raise InputError(
+                f"Images must be a float tensor (normalised as in model.preprocess), got dtype "
+                f"{x.dtype}; use model.preprocess(x) or x.float()."
+            )
+        if x.ndim != 4:
+            raise InputError(
+                f"Images must have shape [batch, {cfg.in_channels}, H, W], got {tuple(x.shape)}; "
+                "add a batch dimension with x[None] for a single image."
+            )
+        if x.shape[1] != cfg.in_channels:
+            raise InputError(
+                f"The model takes {cfg.in_channels} channels, got images of shape "
+                f"{tuple(x.shape)} ({x.shape[1]} channels)."
+            )
+        hw = tuple(x.shape[-2:])
+        if cfg.dynamic_img_size:
+            if hw[0] % cfg.patch_size[0] or hw[1] % cfg.patch_size[1]:
+                raise InputError(
+                    f"Image size {hw} is not a multiple of the patch size {cfg.patch_size}."
+                )
+        elif hw != tuple(cfg.image_size):
+            raise InputError(
+                f"The model takes {cfg.image_size[0]}x{cfg.image_size[1]} images, got {hw[0]}x"
+                f"{hw[1]} (shape {tuple(x.shape)}); resize with model.preprocess, or convert the "
+                "source model with dynamic_img_size=True."
+            )
+        if not torch.isfinite(x).all():
+            raise InputError(
+                "The images contain NaN or infinite values; patchlens refuses them because every "
+                "activation downstream would be NaN. Clean the input (torch.nan_to_num) first."
+            )
+
+    def embed_images(self, x: Float[Tensor, "batch chan h w"]) -> Float[Tensor, "batch pos d"]:
+        """The residual stream entering block 0 (embedding, position embedding, pre-norm)."""
+        tokens, pos = self.embed(x)
+        tokens = self.hook_embed(tokens)
+        if pos is not None:
+            tokens = tokens + self.hook_pos_embed(pos)
+        resid = self.hook_full_embed(tokens)
+        if self.ln_pre is not None:
+            resid = self.hook_ln_pre(self.ln_pre(resid))
+        return resid
+
+    def pool(self, resid: Float[Tensor, "batch pos d"]) -> tuple[Tensor, Tensor | None]:
+        """Final norm and pooling of the residual stream after the last block: returns the
+        pooled features (``hook_pooled``, ``[batch, d_pooled]``) and, for distilled models, the
+        distillation token's (``hook_pooled_dist``)."""
+        cfg = self.cfg
+        post_norm = self.ln_final if cfg.final_norm == "post_pool" else None
+        if self.ln_final is not None and cfg.final_norm == "pre_pool":
+            resid = self.ln_final(resid)
+        n_prefix = cfg.n_prefix
+        if cfg.pooling == "token":
+            pooled = resid[:, 0]
+        elif cfg.pooling == "avg":
+            pooled = resid[:, n_prefix:].mean(dim=1)
+        elif cfg.pooling == "token_avg":
+            pooled = torch.cat([resid[:, 0], resid[:, n_prefix:].mean(dim=1)], dim=-1)
+        elif cfg.pooling == "map":
+            pooled = self.attn_pool(resid[:, n_prefix:])
+        else:
+            return resid, None
+        pooled = self.hook_pooled(post_norm(pooled) if post_norm is not None else pooled)
+        if not cfg.distilled:
+            return pooled, None
+        dist = resid[:, 1]
+        return pooled, self.hook_pooled_dist(post_norm(dist) if post_norm is not None else dist)
+
+    def unembed(self, pooled: Tensor, pooled_dist: Tensor | None = None) -> Tensor:
+        """Classification head(s) on the pooled features (distilled models average two heads)."""
+        if self.head is None:
+            return pooled
+        if self.hook_image_embed is not None:  # zero-shot: project, L2-normalise, then the head
+            emb = self.hook_image_embed(self.image_proj(pooled) if self.image_proj else pooled)
+            pooled = self.hook_normalized_embed(F.normalize(emb, dim=-1))
+        logits = self.head(pooled)
+        if self.head_dist is not None:
+            logits = (logits + self.head_dist(pooled_dist)) / 2
+        return self.hook_logits(logits)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        return_type: ReturnType = "logits",
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+    ) -> Tensor | None:
+        """Run the model.
+
+        Args:
+            x: normalised images ``[batch, chan, H, W]``, or, with ``start_at_layer=l``, the
+                residual stream ``[batch, pos, d_model]`` entering block ``l``.
+            return_type: ``"logits"`` (pooled features if headless), ``"pooled"``, ``"resid"``
+                (the residual stream after the last block run) or None.
+            start_at_layer: skip the embedding and blocks before this layer.
+            stop_at_layer: stop before this block and return the residual stream entering it.
+        """
+        n = self.cfg.n_layers
+        start = 0 if start_at_layer is None else _check_layer(start_at_layer, n, "start_at_layer")
+        stop = n if stop_at_layer is None else _check_layer(stop_at_layer, n, "stop_at_layer")
+        if start_at_layer is None:
+            self.check_images(x)
+            resid = self.embed_images(x)
+        else:
+            if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.cfg.d_model:
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise InputError(
+                    f"With start_at_layer the input is the residual stream [batch, pos, "
+                    f"{self.cfg.d_model}], got {shape}."
+                )
+            resid = x
+        for block in self.blocks[start:stop]:
+            resid = block(resid)
+        if stop_at_layer is not None or return_type == "resid":
+            return resid
+        pooled, pooled_dist = self.pool(resid)
+        if return_type == "pooled":
+            return pooled
+        logits = self.unembed(pooled, pooled_dist)
+        return None if return_type is None else logits
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def check_hook_names(self, names: Sequence[str | Callable]) -> None:
+        """Raise `UnknownHookError` (with close matches) for a name the model does not have."""
+        for name in names:
+            if isinstance(name, str) and name not in self.hook_dict:
+                raise unknown_hook_error(name, self.hook_dict)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):
+        """TransformerLens ``hooks()``; unknown hook names raise before anything is attached."""
+        fwd_hooks, bwd_hooks = list(fwd_hooks), list(bwd_hooks)
+        self.check_hook_names([n for n, _ in fwd_hooks] + [n for n, _ in bwd_hooks])
+        with super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts) as m:
+            yield m
+
+    def run_with_cache(self, *args: Any, names_filter=None, **kwargs: Any):
+        """TransformerLens ``run_with_cache``; returns ``(output, ActivationCache)``."""
+        if isinstance(names_filter, str):
+            self.check_hook_names([names_filter])
+        elif isinstance(names_filter, (list, tuple)):
+            names_filter = list(names_filter)
+            self.check_hook_names(names_filter)
+        try:
+            out, cache = super().run_with_cache(*args, names_filter=names_filter, **kwargs)
+        except BaseException:
+            self.reset_hooks(including_permanent=False)
+            raise
+        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim"))
+
+    @contextlib.contextmanager
+    def options(self, **flags: bool) -> Iterator[HookedViT]:
+        """Temporarily set config flags, e.g. ``use_attn_result=True`` or
+        ``use_split_qkv_input=True`` (the opt-in hooks ``hook_result`` / ``hook_q_input``...)."""
+        allowed = {"use_attn_result", "use_split_qkv_input"}
+        bad = set(flags) - allowed
+        if bad:
+            raise InputError(f"options() takes {sorted(allowed)}, got {sorted(bad)}.")
+        old = {k: getattr(self.cfg, k) for k in flags}
+        try:
+            for k, v in flags.items():
+                setattr(self.cfg, k, v)
+            yield self
+        finally:
+            for k, v in old.items():
+                setattr(self.cfg, k, v)
+
+    def set_use_attn_result(self, on: bool) -> None:
+        self.cfg.use_attn_result = on
+
+    def set_use_split_qkv_input(self, on: bool) -> None:
+        self.cfg.use_split_qkv_input = on
+
+    def hook_table(self, image_size: tuple[int, int] | None = None) -> list[dict[str, str]]:
+        """One row per hook point: name and the activation's shape on one image."""
+        from patchlens.model.inspect import hook_shapes
+
+        return hook_shapes(self, image_size)
+
+    # ---- preprocessing ------------------------------------------------------------------------
+    def preprocess(self, images: Any) -> Float[Tensor, "batch chan h w"]:
+        """Turn PIL images, paths, numpy arrays or tensors into a normalised input batch, with
+        the source model's own preprocessing (resize, crop, mean/std)."""
+        from patchlens.model.preprocess import preprocess
+
+        p = next(self.parameters())
+        return preprocess(images, self.cfg).to(device=p.device, dtype=p.dtype)
+
+    def to_image(self, x: Tensor) -> Float[Tensor, "... chan h w"]:
+        """Undo the input normalisation: normalised images -> values in [0, 1] (for plots)."""
+        mean = torch.tensor(self.cfg.data_mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.cfg.data_std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return (x.detach() * std + mean).clamp(0, 1)
+
+    # ---- loading --------------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, cfg: ViTConfig, state_dict: dict[str, Tensor]) -> HookedViT:
+        """Build a model from a config and a patchlens-layout state dict (strict)."""
+        from patchlens.model.convert.common import load_strict
+
+        model = cls(cfg, init=False)
+        dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+        if len(dtypes) == 1:  # build in the checkpoint's dtype: float64 weights stay exact
+            model.to(dtypes.pop())
+        load_strict(model, state_dict)
+        return model.eval()
+
+    @classmethod
+    def from_timm(
+        cls,
+        model_or_name: nn.Module | str,
+        pretrained: bool = False,
+        checkpoint_path: str | Path | None = None,
+        **timm_kwargs: Any,
+    ) -> HookedViT:
+        """Convert a timm ``VisionTransformer`` (a model object or a timm name)."""
+        from patchlens.model.convert.timm import from_timm
+
+        return from_timm(cls, model_or_name, pretrained, checkpoint_path, **timm_kwargs)
+
+    @classmethod
+    def from_hf(cls, model_or_config_or_name: Any, **kwargs: Any) -> HookedViT:
+        """Convert a Hugging Face ViT / DeiT / Dinov2 / CLIP vision model (object, config or name)."""
+        from patchlens.model.convert.hf import from_hf
+
+        return from_hf(cls, model_or_config_or_name, **kwargs)
+
+    @classmethod
+    def from_open_clip(
+        cls, model_or_name: Any, pretrained: str | None = None, **kwargs: Any
+    ) -> HookedViT:
+        """Convert an open_clip CLIP model (object, ``.visual`` tower, or name + pretrained tag)."""
+        from patchlens.model.convert.open_clip import from_open_clip
+
+        return from_open_clip(cls, model_or_name, pretrained, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name: str, **kwargs: Any) -> HookedViT:
+        """Load by name: a zoo model (offline), ``hf:<repo>`` / ``org/repo`` (Hugging Face), or a
+        timm model name."""
+        from patchlens.model.convert.dispatch import from_pretrained
+
+        return from_pretrained(cls, name, **kwargs)
+
+
+def _check_layer(layer: int, n_layers: int, what: str) -> int:
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise InputError(f"{what} must be an int, got {layer!r}.")
+    if layer < 0:
+        layer += n_layers
+    if not 0 <= layer <= n_layers:
+        raise InputError(f"{what}={layer} is out of range for a model with {n_layers} layers.")
+    return layer

@@ -1,0 +1,258 @@
+"""What happens at a site: interchange, zero, mean, resample, noise, add, scale or a callable.
+
+An intervention sees the selected part of an activation, gathered to ``[E, B, T, (H), ...]``
+(E variants sharing the intervention, B target images, T selected tokens, H selected heads)
+and returns new values of the same shape. Interventions that need another input's activations
+(`Interchange`, `Mean`, `Resample`) name that input in ``reference``; the engine runs it once,
+caches only the hooks it needs, and hands the result to `prepare`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from patchlens.errors import InputError
+
+
+@dataclass
+class Gather:
+    """Index tensors that pick the selected activations of E entries out of a hook's tensor.
+
+    ``rows`` ``[E, B]`` are rows of the running batch; ``images`` ``[E, B]`` the target image
+    each row patches (used to pick aligned rows of a source); ``variants`` ``[E, B]`` the
+    index of each row's variant in the whole sweep; ``tokens`` ``[E, T]`` and
+    ``heads`` ``[E, H]`` (None when the hook has no head axis).
+    """
+
+    rows: Tensor
+    images: Tensor
+    variants: Tensor
+    tokens: Tensor
+    heads: Tensor | None
+    token_dim: int
+    head_dim: int | None
+    hook: str = ""
+
+    def index(self, batch: Tensor) -> tuple[Tensor, ...]:
+        """An advanced index giving ``[E, B, T, (H), ...]`` for batch indices ``batch [E, B]``."""
+        e, b = batch.shape
+        if self.token_dim < 0:  # pooled / logits hooks: whole rows
+            return (batch,)
+        t = self.tokens.shape[1]
+        if self.heads is None:
+            return (batch.view(e, b, 1), self.tokens.view(e, 1, t))
+        h = self.heads.shape[1]
+        rows, toks, heads = batch.view(e, b, 1, 1), self.tokens.view(e, 1, t, 1), self.heads.view(e, 1, 1, h)
+        return (rows, heads, toks) if self.head_dim == 1 else (rows, toks, heads)
+
+    def take(self, act: Tensor) -> Tensor:
+        return act[self.index(self.rows)]
+
+    def take_source(self, source: Tensor, batch: Tensor | None = None) -> Tensor:
+        """Gather from a source activation whose batch axis is the target images (or size 1)."""
+        if batch is None:
+            batch = self.images if source.shape[0] > 1 else torch.zeros_like(self.images)
+        return source[self.index(batch.to(source.device))]
+
+
+class Intervention:
+    """Base class. Subclasses implement `values` (and `prepare` if they use ``reference``)."""
+
+    reference: Tensor | None = None
+
+    def prepare(self, acts: dict[str, Tensor], target_batch: int) -> dict[str, Tensor]:
+        """Turn the reference input's cached activations into what `values` reads."""
+        return acts
+
+    def values(self, act: Tensor, where: Gather, source: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Interchange(Intervention):
+    """Replace the activation by the same site's activation on ``source`` (interchange /
+    activation patching). ``source`` is a batch of normalised images aligned with the target
+    batch (or a single image used for every target)."""
+
+    def __init__(self, source: Tensor, name: str = "source"):
+        self.reference = source
+        self.name = name
+
+    def prepare(self, acts, target_batch):
+        for hook, a in acts.items():
+            if a.shape[0] not in (1, target_batch):
+                raise InputError(
+                    f"Interchange source has batch {a.shape[0]} but the target has {target_batch}; "
+                    "pass one source image or one per target image."
+                )
+        return acts
+
+    def values(self, act, where, source):
+        return where.take_source(source).to(act.dtype)
+
+    def __repr__(self) -> str:
+        return f"Interchange({self.name})"
+
+
+class Zero(Intervention):
+    """Set the activation to zero (zero-ablation)."""
+
+    def values(self, act, where, source):
+        return torch.zeros_like(act)
+
+
+class Mean(Intervention):
+    """Replace by the mean activation over a reference set of images: per token position
+    (``per_token=True``) or pooled over all tokens (``per_token=False``)."""
+
+    def __init__(self, reference: Tensor, per_token: bool = True):
+        if reference.shape[0] == 0:
+            raise InputError("Mean needs at least one reference image.")
+        self.reference = reference
+        self.per_token = per_token
+
+    def prepare(self, acts, target_batch):
+        out = {}
+        for hook, a in acts.items():
+            m = a.mean(dim=0, keepdim=True)
+            if not self.per_token:
+                tok_dim = 2 if hook.endswith(("hook_pattern", "hook_attn_scores")) else 1
+                m = m.mean(dim=tok_dim, keepdim=True).expand_as(m)
+            out[hook] = m
+        return out
+
+    def values(self, act, where, source):
+        return where.take_source(source).to(act.dtype)
+
+    def __repr__(self) -> str:
+        return f"Mean(n={self.reference.shape[0]}, per_token={self.per_token})"
+
+
+class Resample(Intervention):
+    """Replace by the activation of a randomly drawn reference image (resample-ablation),
+    one draw per target row, reproducible with ``seed``."""
+
+    def __init__(self, reference: Tensor, seed: int = 0):
+        if reference.shape[0] == 0:
+            raise InputError("Resample needs at least one reference image.")
+        self.reference = reference
+        self.seed = seed
+
+    def values(self, act, where, source):
+        g = torch.Generator().manual_seed(self.seed)
+        draws = torch.randint(0, source.shape[0], tuple(where.rows.shape), generator=g)
+        return where.take_source(source, batch=draws).to(act.dtype)
+
+    def __repr__(self) -> str:
+        return f"Resample(n={self.reference.shape[0]}, seed={self.seed})"
+
+
+class Noise(Intervention):
+    """Add Gaussian noise of standard deviation ``std`` (seeded)."""
+
+    def __init__(self, std: float, seed: int = 0):
+        if not std >= 0:
+            raise InputError(f"Noise std must be >= 0, got {std}.")
+        self.std, self.seed = float(std), seed
+
+    def values(self, act, where, source):
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(act.shape, generator=g, dtype=torch.float32).to(act.device, act.dtype)
+        return act + self.std * noise
+
+    def __repr__(self) -> str:
+        return f"Noise(std={self.std})"
+
+
+class Add(Intervention):
+    """Add ``scale * direction`` (steering); ``direction`` broadcasts against the activation's
+    last axes (e.g. ``[d_model]``)."""
+
+    def __init__(self, direction: Tensor, scale: float = 1.0):
+        direction = torch.as_tensor(direction)
+        if not torch.isfinite(direction).all():
+            raise InputError("The steering direction contains NaN or infinite values.")
+        self.direction, self.scale = direction, float(scale)
+
+    def values(self, act, where, source):
+        d = self.direction.to(act.device, act.dtype)
+        if d.shape[-1] != act.shape[-1]:
+            raise InputError(
+                f"Add direction has shape {tuple(d.shape)}; the activation's last axis is {act.shape[-1]}."
+            )
+        return act + self.scale * d
+
+    def __repr__(self) -> str:
+        return f"Add(shape={tuple(self.direction.shape)}, scale={self.scale})"
+
+
+class Scale(Intervention):
+    """Multiply the activation by ``alpha``."""
+
+    def __init__(self, alpha: float):
+        self.alpha = float(alpha)
+
+    def values(self, act, where, source):
+        return act * self.alpha
+
+    def __repr__(self) -> str:
+        return f"Scale({self.alpha})"
+
+
+class Custom(Intervention):
+    """Wrap a user function ``fn(activation, hook, site) -> activation``. The function gets
+    the selected part of one variant's activation, ``[B, T, (H), ...]`` (B target images,
+    T selected tokens, H selected heads), and must return a tensor of the same shape."""
+
+    def __init__(self, fn: Callable[[Tensor, Any, Any], Tensor], site: Any = None):
+        self.fn, self.site = fn, site
+
+    def values(self, act, where, source):
+        raise RuntimeError("Custom interventions are applied per variant by the engine.")
+
+    def apply_one(self, act: Tensor, hook, site) -> Tensor:
+        out = self.fn(act.clone(), hook, site)
+        if not isinstance(out, Tensor) or out.shape != act.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise InputError(
+                f"The custom intervention {getattr(self.fn, '__name__', self.fn)!r} returned {got}; "
+                f"it must return a tensor of the shape it was given, {tuple(act.shape)}."
+            )
+        return out
+
+    def __repr__(self) -> str:
+        return f"Custom({getattr(self.fn, '__name__', 'fn')})"
+
+
+class PerVariant(Intervention):
+    """Set the activation to values given per variant: ``values [V, B, ...]`` holds, for each
+    of the sweep's V variants and B target images, the full activation at the hook (the
+    selection is taken from it). Used by path patching to replay captured receiver inputs."""
+
+    def __init__(self, values: dict[str, Tensor]):
+        self.by_hook = values
+
+    def values(self, act, where, source):
+        full = self.by_hook[where.hook]
+        flat = full.reshape(-1, *full.shape[2:])  # [V * B, ...]
+        b = full.shape[1]
+        return flat[where.index(where.variants * b + where.images)].to(act.dtype)
+
+    def __repr__(self) -> str:
+        return f"PerVariant({', '.join(self.by_hook)})"
+
+
+def as_intervention(obj: Any) -> Intervention:
+    """An `Intervention`, or a callable wrapped in `Custom`."""
+    if isinstance(obj, Intervention):
+        return obj
+    if callable(obj):
+        return Custom(obj)
+    raise InputError(f"{obj!r} is neither an Intervention nor a callable (activation, hook, site).")

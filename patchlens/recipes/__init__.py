@@ -1,0 +1,1 @@
+"""Recipes: experiments built as variants for the patching engine."""
