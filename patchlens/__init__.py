@@ -34,12 +34,18 @@ from patchlens.patching import (
     run_variants,
 )
 from patchlens.recipes.activation import activation_patching
+from patchlens.recipes.path import Node, all_heads, all_heads_and_mlps, path_patching
+from patchlens.zeroshot import zeroshot_head
 
 __version__ = "0.1.0"
 
 __all__ = [
     "metrics",
     "activation_patching",
+    "path_patching",
+    "Node",
+    "all_heads",
+    "all_heads_and_mlps",
     "Site",
     "Rect",
     "Intervention",
@@ -65,4 +71,5 @@ __all__ = [
     "UnknownModelError",
     "CheckpointMismatchError",
     "InputError",
+    "zeroshot_head",
 ]

@@ -62,12 +62,13 @@ def _tokenize(
         if kind == "hf":
             raise InputError(
                 "Hugging Face text towers need their tokenizer, which reads vocabulary files "
-                "(downloaded when online): pass tokenizer=AutoTokenizer.from_pretrained(repo), any "
-                "callable list[str] -> input_ids, or pre-tokenized input_ids=[n_classes, (templates,)"
-                " seq]."
+                "(downloaded when online): pass tokenizer=AutoTokenizer.from_pretrained(repo), "
+                "any callable list[str] -> input_ids, or pre-tokenized "
+                "input_ids=[n_classes, (n_templates,) seq]."
             )
         text = getattr(model, "text", None)
-        if type(text).__name__ == "HFTextEncoder" or getattr(model, "vocab_size", 0) != _OPENAI_VOCAB:
+        vocab = getattr(model, "vocab_size", 0)
+        if type(text).__name__ == "HFTextEncoder" or vocab != _OPENAI_VOCAB:
             raise InputError(
                 "This open_clip model does not use the OpenAI BPE vocabulary; pass its tokenizer: "
                 "tokenizer=open_clip.get_tokenizer(model_name)."
@@ -188,23 +189,27 @@ def attach_zeroshot_head(
     with torch.no_grad():
         scale = torch.as_tensor(logit_scale, dtype=p.dtype, device=p.device).reshape(())
         head.weight.copy_(scale * text_features.to(device=p.device, dtype=p.dtype))
-        bias = 0.0 if logit_bias is None else torch.as_tensor(logit_bias).reshape(())
-        head.bias.fill_(float(bias))
+        bias = 0.0 if logit_bias is None else float(torch.as_tensor(logit_bias).reshape(()))
+        head.bias.fill_(bias)
     names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
     cfg.n_classes = cfg.d_vocab = n  # mutated in place: the blocks share this config object
     cfg.head_bias = True
-    cfg.extra["zeroshot"] = {
+    cfg.extra = {**cfg.extra, "zeroshot": {  # a new dict: cfg.replace() copies share `extra`
         "embed_dim": embed_dim,
         "image_proj": proj is not None,
         "class_names": names,
         "templates": list(templates),
         "logit_scale": float(scale),
-        "logit_bias": None if logit_bias is None else float(bias),
-    }
+        "logit_bias": None if logit_bias is None else bias,
+    }}
+    logits_hook = hooked.hook_logits
+    del hooked.head, hooked.hook_logits  # re-added below, so modules keep the forward order
     hooked.image_proj = proj
-    hooked.hook_image_embed = HookPoint()
-    hooked.hook_normalized_embed = HookPoint()
+    if getattr(hooked, "hook_image_embed", None) is None:
+        hooked.hook_image_embed = HookPoint()
+        hooked.hook_normalized_embed = HookPoint()
     hooked.head = head
+    hooked.hook_logits = logits_hook
     hooked.setup()
     return hooked.eval()
 
@@ -252,6 +257,7 @@ def zeroshot_head(
     with torch.no_grad():
         scale = clip_model.logit_scale.exp()
     bias = getattr(clip_model, "logit_bias", None)
+    bias = bias.detach() if isinstance(bias, Tensor) else bias
     return attach_zeroshot_head(
         hooked, feats, scale, bias, class_names, templates if input_ids is None else ()
     )

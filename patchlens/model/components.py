@@ -35,6 +35,7 @@ def activation(name: str):
         "quick_gelu": quick_gelu,
         "relu": F.relu,
         "silu": F.silu,
+        "identity": lambda x: x,  # for linearised test models
     }[name]
 
 

@@ -11,7 +11,7 @@ from transformer_lens.config.transformer_lens_config import TransformerLensConfi
 
 POOLINGS = ("token", "avg", "map", "token_avg", "none")
 FINAL_NORMS = ("pre_pool", "post_pool", "none")
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "identity")
 MLP_KINDS = ("mlp", "swiglu")
 
 

@@ -131,9 +131,12 @@ def train(
     eval_n: int = EVAL_N,
     threads: int | None = None,
     progress: bool = True,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train zoo model ``name``; write ``<out>/<name>.safetensors`` and ``<out>/<name>.json``.
 
+    ``init_from`` (a ``.json`` record written by this function) starts from those weights instead
+    of a random init (a second training stage with a fresh schedule); the record keeps the chain.
     Returns the json record (config, training args, evaluation, sha256, wall time).
     """
     from safetensors.torch import save_file
@@ -149,6 +152,12 @@ def train(
     torch.manual_seed(seed)
     cfg = make_config(name)
     model = HookedViT(cfg)
+    init_record = None
+    if init_from is not None:
+        from patchlens.zoo.registry import load_from
+
+        init_record = json.loads(Path(init_from).read_text())
+        model.load_state_dict(load_from(init_from).state_dict())
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -223,7 +232,15 @@ def train(
             "command": (
                 f"python -m patchlens.zoo.train --model {name} --steps {steps} "
                 f"--batch-size {batch_size} --lr {lr} --seed {seed} --data-seed {data_seed}"
+                + ("" if init_from is None else " --init-from STAGE1.json")
             ),
+            "init_from": None
+            if init_record is None
+            else {
+                "sha256": init_record["sha256"],
+                "training": init_record["training"],
+                "eval": init_record["eval"],
+            },
         },
         "eval": {
             "definition": (
@@ -251,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-seed", type=int, default=1)
     p.add_argument("--eval-n", type=int, default=EVAL_N)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--init-from", default=None, help="json record of weights to start from")
     p.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     a = p.parse_args(argv)
     rec = train(
@@ -263,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         out=a.out,
         eval_n=a.eval_n,
         threads=a.threads,
+        init_from=a.init_from,
     )
     print(
         json.dumps({"eval": rec["eval"], "wall_time_s": rec["training"]["wall_time_s"]}, indent=2)

@@ -4,7 +4,9 @@ Two tower kinds are converted exactly:
 
 - open_clip's own ``VisionTransformer`` (``ViT-*`` models, OpenAI CLIP, LAION, DataComp, CLIPA,
   ...): class token, ``ln_pre`` (or ``no_ln_pre``), token / average pooling with ``ln_post``
-  before or after pooling (``final_ln_after_pool``), quick-GELU (``*-quickgelu``) or GELU,
+  on all tokens before pooling (``final_norm="pre_pool"``, open_clip's default, so
+  TransformerLens' ``apply_ln_to_stack`` works) or after it (``final_ln_after_pool``),
+  quick-GELU (``*-quickgelu``) or GELU,
   LayerScale (``ls_init_value``), per-head q/k LayerNorm (``qk_norm``), and the bare
   ``proj`` parameter ``[width, embed_dim]``, which becomes ``model.head`` (``head_bias=False``).
 - ``TimmModel`` towers wrapping a timm ``VisionTransformer`` (SigLIP, ...): the trunk goes
@@ -183,7 +185,7 @@ def open_clip_config(obj: Any, source: str = "") -> ViTConfig:
         layer_scale=not _is_identity(blk.ls_1),
         mlp_bias=blk.mlp.c_fc.bias is not None,
         pooling=pooling,
-        final_norm="post_pool" if after or pooling == "token" else "pre_pool",
+        final_norm="post_pool" if after else "pre_pool",  # as open_clip: ln_post on all tokens
         n_classes=0 if proj is None else proj.shape[1],
         head_bias=False,
         source=source or "open_clip:VisionTransformer",
