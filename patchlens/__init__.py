@@ -5,6 +5,7 @@ activations, trace paths, attribute with CAAP, and check how far interventions d
 model's natural distribution.
 """
 
+from patchlens import metrics
 from patchlens.errors import (
     CheckpointMismatchError,
     InputError,
@@ -13,7 +14,6 @@ from patchlens.errors import (
     UnknownModelError,
     UnsupportedModelError,
 )
-from patchlens import metrics
 from patchlens.model import HookedViT, TokenLayout, ViTConfig
 from patchlens.patching import (
     Add,

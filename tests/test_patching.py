@@ -12,7 +12,6 @@ import patchlens as pl
 from patchlens import InputError, UnknownHookError
 from patchlens.patching import (
     Add,
-    Custom,
     Interchange,
     Mean,
     Noise,

@@ -86,7 +86,7 @@ class Interchange(Intervention):
         self.name = name
 
     def prepare(self, acts, target_batch):
-        for hook, a in acts.items():
+        for a in acts.values():
             if a.shape[0] not in (1, target_batch):
                 raise InputError(
                     f"Interchange source has batch {a.shape[0]} but the target has {target_batch}; "
