@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbmake notebooks
-	$(BIN)/mkdocs build --strict --quiet --site-dir /tmp/patchlens-site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir /tmp/patchlens-site
 
 demo: $(STAMP)
 	$(BIN)/patchlens demo

@@ -192,6 +192,8 @@ def attach_zeroshot_head(
         bias = 0.0 if logit_bias is None else float(torch.as_tensor(logit_bias).reshape(()))
         head.bias.fill_(bias)
     names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
+    if len(names) != n:
+        raise InputError(f"{len(names)} class names for {n} rows of text features.")
     cfg.n_classes = cfg.d_vocab = n  # mutated in place: the blocks share this config object
     cfg.head_bias = True
     cfg.extra = {**cfg.extra, "zeroshot": {  # a new dict: cfg.replace() copies share `extra`

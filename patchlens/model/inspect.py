@@ -13,6 +13,8 @@ SHAPE_NAMES = {
     "hook_scale": "... 1", "hook_pre": "batch pos d_mlp", "hook_post": "batch pos d_mlp",
     "hook_pre_linear": "batch pos d_mlp", "hook_pooled": "batch d_pooled",
     "hook_pooled_dist": "batch d_pooled", "hook_logits": "batch n_classes",
+    "hook_image_embed": "batch embed_dim", "hook_normalized_embed": "batch embed_dim",
+    "hook_ln_pre": "batch pos d_model",
 }
 
 

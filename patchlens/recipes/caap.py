@@ -1,0 +1,263 @@
+"""CAAP: Causal Attribution via Activation Patching (Izadi et al., arXiv 2603.13652, 2026).
+
+For each patch (or block of patches) the source image's activations of that patch are written
+into a neutral context run at ``site`` of every layer in an intermediate window ``[start, end)``;
+the attribution is ``score(patched context) - score(context)``. Early layers have not formed the
+patch's representation yet and late layers have mixed information across tokens, hence the
+window. The paper's neutral context and window are not published: both are parameters here,
+with defaults chosen on the clutter-digits benchmark (``docs/benchmarks.md``).
+
+Every patched run is an engine `Variant` (one per block, ``Interchange(images)`` at the block's
+tokens), so the engine batches them and starts each at layer ``start`` from the context's
+cached residual stream (prefix reuse).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from patchlens import metrics as M
+from patchlens.attribution.maps import AttributionMap, resolve_target
+from patchlens.errors import InputError
+from patchlens.patching.engine import Variant, run_variants
+from patchlens.patching.interventions import Interchange, Mean
+from patchlens.patching.sites import PATTERN_HOOKS, SHORT_NAMES, Rect, Site
+
+CONTEXTS = ("blur", "mean", "zeros", "noise", "mean_activation")
+SCORES = ("logit", "probability", "log_probability", "logit_diff")
+#: default layer window as fractions of the depth: (start, end) = (round(a * n), round(b * n)),
+#: chosen by the ablation in docs/benchmarks.md.
+DEFAULT_WINDOW = (1 / 3, 1.0)
+
+
+def default_layers(n_layers: int) -> tuple[int, int]:
+    """The default window ``[start, end)`` for a model with ``n_layers`` blocks."""
+    start = min(n_layers - 1, round(DEFAULT_WINDOW[0] * n_layers))
+    return start, max(start + 1, round(DEFAULT_WINDOW[1] * n_layers))
+
+
+def caap(
+    model,
+    images: Float[Tensor, "batch chan H W"],
+    target: Any = None,
+    layers: tuple[int, int] | None = None,
+    context: str | Tensor = "blur",
+    site: str = "resid_pre",
+    score: str = "logit",
+    group: int = 1,
+    second_class: Any = None,
+    blur_kernel: int = 11,
+    blur_sigma: float = 5.0,
+    reference: Tensor | None = None,
+    batch_size: int | None = None,
+    memory_budget: str | int | None = "2GB",
+    progress: bool | None = None,
+    seed: int = 0,
+) -> AttributionMap:
+    """CAAP attribution map of ``images`` for ``target`` (Izadi et al. 2026).
+
+    Args:
+        images: normalised model inputs ``[batch, chan, H, W]`` (``model.preprocess``).
+        target: explained class: None (the prediction on the image), an int, or ``[batch]``.
+        layers: window ``(start, end)``, patched at layers ``start <= l < end``
+            (default `default_layers`: ``(n // 3, n)``).
+        context: the neutral run the patches are written into: ``"blur"`` (Gaussian blur of
+            the image in pixel space, re-normalised), ``"mean"`` (the data mean colour = zeros
+            in normalised space), ``"zeros"`` (a black image), ``"noise"`` (seeded standard
+            normal noise in normalised space), a normalised image tensor ``[C, H, W]``,
+            ``[1, C, H, W]`` or ``[batch, C, H, W]``, or ``"mean_activation"`` (the residual
+            stream entering ``start`` set to its per-token mean over ``reference`` images;
+            the context then runs on from there).
+        site: short hook name patched at each layer of the window (``resid_pre``,
+            ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, ``z``, ...).
+        score: ``"logit"``, ``"probability"``, ``"log_probability"`` or ``"logit_diff"``
+            (target minus ``second_class``; default the image's runner-up class).
+        group: patch ``group x group`` blocks together; when it does not divide the grid the
+            last row/column of blocks is smaller (ragged edge). Each patch gets its block's value.
+        blur_kernel, blur_sigma: Gaussian blur of the ``"blur"`` context.
+        reference: normalised images for ``context="mean_activation"``.
+        batch_size, memory_budget, progress: passed to the engine.
+        seed: seed of the ``"noise"`` context.
+
+    Returns:
+        `AttributionMap` with ``values [batch, grid_h, grid_w]`` = score(patched) - score(context);
+        ``meta`` has the context score ``[batch]`` and the score on the images themselves.
+    """
+    model.check_images(images)
+    x = images
+    b = x.shape[0]
+    n = model.cfg.n_layers
+    start, end = _check_layers(layers, n)
+    _check_site(site)
+    if score not in SCORES:
+        raise InputError(f"score must be one of {', '.join(SCORES)}; got {score!r}.")
+    layout = model.layout_for(tuple(x.shape[-2:]))
+    gh, gw = layout.grid
+    group = _check_group(group, gh, gw)
+
+    with torch.inference_mode():
+        logits = model(x)
+    tgt = resolve_target(model, x, target, logits)
+    metric = _score_fn(score, tgt, second_class, logits, model.cfg.n_classes)
+
+    ctx, pre = _context(model, x, context, blur_kernel, blur_sigma, reference, seed, start)
+    blocks = [(r0, min(r0 + group, gh), c0, min(c0 + group, gw))
+              for r0 in range(0, gh, group) for c0 in range(0, gw, group)]
+    source = Interchange(x, "image")
+    variants = [
+        Variant(pre + [(Site(site, layers=range(start, end), tokens=Rect(*blk)), source)],
+                label=blk)
+        for blk in blocks
+    ]
+    if pre:  # the context itself is a patched run (mean activations): score it as a variant
+        variants.append(Variant(list(pre), label="context"))
+    res = run_variants(model, ctx, variants, metric=metric, batch_size=batch_size,
+                       memory_budget=memory_budget, progress=progress)
+    out = res.outputs.float().cpu()
+    if pre:
+        base, out = out[-1], out[:-1]
+    else:
+        with torch.inference_mode():
+            base = metric(model(ctx)).float().cpu()
+    values = torch.zeros(b, gh, gw)
+    for (r0, r1, c0, c1), v in zip(blocks, out - base):
+        values[:, r0:r1, c0:c1] = v.view(b, 1, 1)
+    with torch.inference_mode():
+        full = metric(logits).float().cpu()
+    meta = {"layers": (start, end), "context": context if isinstance(context, str) else "image",
+            "site": site, "score": score, "group": group, "context_score": base,
+            "image_score": full}
+    if score == "logit_diff":
+        meta["second_class"] = metric.other
+    return AttributionMap(values, "caap", tgt, model.to_image(x).cpu(), meta)
+
+
+# ---- checks and pieces ------------------------------------------------------------------------
+def _check_layers(layers, n: int) -> tuple[int, int]:
+    if layers is None:
+        return default_layers(n)
+    if (not isinstance(layers, (tuple, list)) or len(layers) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers)):
+        raise InputError(f"layers must be a pair of ints (start, end), got {layers!r}.")
+    start, end = layers
+    if not 0 <= start < end <= n:
+        raise InputError(
+            f"layers=({start}, {end}) is not a window of this model: need 0 <= start < end <= "
+            f"{n} (the model has {n} layers; patched layers are start..end-1)."
+        )
+    return start, end
+
+
+def _check_site(site: str) -> None:
+    ok = [k for k, t in SHORT_NAMES.items() if "{l}" in t and not t.endswith(PATTERN_HOOKS)]
+    if site not in ok:
+        raise InputError(f"CAAP patches a per-layer, per-token site; site must be one of "
+                         f"{', '.join(ok)}; got {site!r}.")
+
+
+def _check_group(group, gh: int, gw: int) -> int:
+    if isinstance(group, bool) or not isinstance(group, int) or not 1 <= group <= max(gh, gw):
+        raise InputError(f"group must be an int in 1..{max(gh, gw)} (the grid is {gh}x{gw}); "
+                         f"got {group!r}.")
+    return group
+
+
+class _Score:
+    """``logits [N, classes] -> [N]`` for the target classes (repeated per variant)."""
+
+    def __init__(self, kind: str, target: Tensor, other: Tensor | None):
+        self.kind, self.target, self.other = kind, target, other
+        fn = {"logit": M.logit, "probability": M.prob, "log_probability": M.log_prob}
+        self.fn = (M.logit_diff(target, other) if kind == "logit_diff" else fn[kind](target))
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.fn(logits)
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
+def _score_fn(score: str, tgt: Tensor, second_class, logits: Tensor, n_classes: int) -> _Score:
+    other = None
+    if score == "logit_diff":
+        if second_class is None:
+            masked = logits.detach().float().cpu().clone()
+            masked[torch.arange(len(tgt)), tgt] = -float("inf")
+            other = masked.argmax(-1)
+        else:
+            other = resolve_target_like(second_class, len(tgt), n_classes, "second_class")
+    elif second_class is not None:
+        raise InputError(f"second_class is only used with score='logit_diff', not {score!r}.")
+    return _Score(score, tgt, other)
+
+
+def resolve_target_like(c, b: int, n_classes: int, name: str) -> Tensor:
+    t = torch.as_tensor(c)
+    if t.is_floating_point():
+        raise InputError(f"{name} must be integer classes, got dtype {t.dtype}.")
+    t = t.long().flatten()
+    t = t.expand(b).clone() if t.numel() == 1 else t
+    if t.shape[0] != b:
+        raise InputError(f"Got {t.shape[0]} {name} values for {b} images.")
+    if (t < 0).any() or (t >= n_classes).any():
+        raise InputError(f"{name} out of range for {n_classes} classes: {t.unique().tolist()}.")
+    return t
+
+
+def blur(model, x: Tensor, kernel: int = 11, sigma: float = 5.0) -> Tensor:
+    """Gaussian blur of normalised images in pixel space, returned normalised ``[B, C, H, W]``."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise InputError(f"blur_kernel must be a positive odd int, got {kernel!r}.")
+    if not sigma > 0:
+        raise InputError(f"blur_sigma must be > 0, got {sigma!r}.")
+    mean, std = _mean_std(model, x)
+    pixels = x * std + mean
+    return (gaussian_blur(pixels, [kernel, kernel], [float(sigma)] * 2) - mean) / std
+
+
+def _mean_std(model, x: Tensor) -> tuple[Tensor, Tensor]:
+    c = x.shape[1]
+    mean = torch.as_tensor(model.cfg.data_mean, dtype=x.dtype, device=x.device)
+    std = torch.as_tensor(model.cfg.data_std, dtype=x.dtype, device=x.device)
+    return mean.expand(c).view(1, c, 1, 1), std.expand(c).view(1, c, 1, 1)
+
+
+def _context(model, x, context, kernel, sigma, reference, seed, start) -> tuple[Tensor, list]:
+    """The context input ``[B, C, H, W]`` and the pairs that every variant starts with."""
+    if isinstance(context, Tensor):
+        ctx = context.to(x.device, x.dtype)
+        if ctx.ndim == 3:
+            ctx = ctx[None]
+        if ctx.ndim != 4 or ctx.shape[1:] != x.shape[1:] or ctx.shape[0] not in (1, x.shape[0]):
+            raise InputError(
+                f"A context image must be [C, H, W], [1, C, H, W] or [batch, C, H, W] matching the "
+                f"images {tuple(x.shape)}; got {tuple(context.shape)}."
+            )
+        model.check_images(ctx)
+        return ctx.expand_as(x).contiguous(), []
+    if reference is not None and context != "mean_activation":
+        raise InputError("reference= is only used with context='mean_activation'.")
+    if context == "blur":
+        return blur(model, x, kernel, sigma), []
+    if context == "mean":
+        return torch.zeros_like(x), []
+    if context == "zeros":
+        mean, std = _mean_std(model, x)
+        return ((0 - mean) / std).expand_as(x).contiguous(), []
+    if context == "noise":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(x.shape, generator=g).to(x.device, x.dtype), []
+    if context == "mean_activation":
+        if reference is None:
+            raise InputError("context='mean_activation' needs reference= images (normalised, "
+                             "[n, C, H, W]) to average the activations over.")
+        model.check_images(reference)
+        return torch.zeros_like(x), [(Site("resid_pre", layers=start, tokens="all"), Mean(reference))]
+    raise InputError(f"context must be one of {', '.join(CONTEXTS)} or an image tensor; "
+                     f"got {context!r}.")
