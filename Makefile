@@ -19,6 +19,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	bash tools/ensure_chromium.sh
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbmake notebooks
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir /tmp/patchlens-site

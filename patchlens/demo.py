@@ -1,49 +1,208 @@
-"""The main job: a short run on an embedded model that prints what patchlens sees."""
+"""The main job (`patchlens demo`): a short, real study on a model, written to one HTML report.
+
+Predictions, an activation-patching sweep, a path-patching sweep, CAAP maps next to baselines
+with deletion/insertion scores, and the divergence of the interventions; a summary on the
+terminal and a self-contained HTML report.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
 
-def run_demo(model_name: str = "clutter-digits-vit") -> dict:
-    """Load ``model_name``, print its hook points and a cache summary; return the summary."""
+def _pairs_from_zoo(model, n: int, seed: int):
+    """Clutter-digit images (clean) and the same images with the digit erased (corrupted)."""
+    from patchlens.zoo.clutter_digits import generate
+
+    data = generate(n, split="test", seed=seed, image_size=model.cfg.image_size[0])
+    corrupt = data.images.clone()
+    for i in range(n):
+        mask = data.masks[i]
+        corrupt[i][:, mask] = data.images[i][:, ~mask].median(dim=1).values[:, None]
+    return data.images, corrupt, data.labels, data
+
+
+def _pairs_from_paths(model, paths: Sequence[str]):
+    """User images (clean) and a strong Gaussian blur of them (corrupted)."""
+    import torchvision.transforms.v2.functional as TF
+
+    clean = model.to_image(model.preprocess(list(paths))).cpu()
+    k = max(3, (min(clean.shape[-2:]) // 8) | 1)
+    corrupt = TF.gaussian_blur(clean, [k, k], [k / 3.0, k / 3.0])
+    return clean, corrupt, None, None
+
+
+def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | None = None,
+             out: str | Path = "patchlens-report.html", n_images: int = 4, seed: int = 0,
+             quiet: bool = False) -> dict[str, Any]:
+    """Run the study and write the report; returns a summary dict (numbers and the path)."""
     from rich.console import Console
+    from rich.progress import Progress
     from rich.table import Table
 
-    from patchlens import HookedViT
+    import patchlens as pl
+    from patchlens.report import Report
 
-    console = Console()
-    t0 = time.perf_counter()
-    model = HookedViT.from_pretrained(model_name)
+    console = Console(quiet=quiet)
+    t_start = time.perf_counter()
+    model = pl.HookedViT.from_pretrained(model_name)
     cfg = model.cfg
-    console.print(f"[bold]{model_name}[/bold]: {cfg.n_layers} layers, d_model {cfg.d_model}, "
-                  f"{cfg.n_heads} heads, grid {cfg.grid_size}, prefix {list(model.layout.prefix)}")
-    x = _demo_images(model)
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(x)
-    table = Table(title=f"cache of one batch ({x.shape[0]} images): {len(cache.cache_dict)} activations")
-    table.add_column("hook")
-    table.add_column("shape")
-    table.add_column("mean |act|", justify="right")
-    for name in list(cache.cache_dict)[:8] + ["hook_pooled", "hook_logits"]:
-        if name in cache.cache_dict:
-            act = cache[name]
-            table.add_row(name, str(tuple(act.shape)), f"{act.abs().mean().item():.3f}")
+    if images:
+        clean_img, corrupt_img, labels, data = _pairs_from_paths(model, images)
+    else:
+        clean_img, corrupt_img, labels, data = _pairs_from_zoo(model, n_images, seed)
+    clean, corrupted = model.preprocess(clean_img), model.preprocess(corrupt_img)
+    summary: dict[str, Any] = {"model": model_name, "n_images": clean.shape[0]}
+    report = Report(f"patchlens study: {model_name}")
+    report.text(f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, patch grid "
+                f"{cfg.grid_size[0]}x{cfg.grid_size[1]}, prefix tokens {list(model.layout.prefix)}; "
+                f"{clean.shape[0]} images. Corrupted inputs: "
+                + ("the digit erased (filled with the median background colour)." if data is not None
+                   else "a strong Gaussian blur of each image."))
+
+    steps = ["predictions", "activation patching", "path patching", "CAAP and baselines",
+             "divergence"]
+    with Progress(console=console, transient=True, disable=quiet) as progress:
+        task = progress.add_task("study", total=len(steps))
+
+        # 1. predictions
+        with torch.inference_mode():
+            logits = model(clean)
+        probs = logits.softmax(-1)
+        pred = logits.argmax(-1)
+        rows = [{"image": i, "label": "" if labels is None else int(labels[i]),
+                 "predicted": int(pred[i]), "probability": float(probs[i, pred[i]])}
+                for i in range(clean.shape[0])]
+        if labels is not None:
+            summary["accuracy"] = float((pred == labels).float().mean())
+        report.heading("Predictions").table(rows)
+        report.figure(_image_strip(clean_img, corrupt_img), "Top: clean inputs. Bottom: corrupted.")
+        progress.advance(task)
+
+        # 2. activation patching (denoising, normalised recovery of the predicted class)
+        metric = pl.metrics.recovery(pl.metrics.logit(pred))
+        act = pl.activation_patching(model, clean, corrupted, metric, site="resid_pre",
+                                     per="token", progress=False)
+        heads = pl.activation_patching(model, clean, corrupted, metric, per="head", progress=False)
+        summary["activation_top"] = act.top(3).to_dict(orient="records")
+        report.heading("Activation patching (residual stream, denoising)")
+        report.text("Clean activations patched into the corrupted run one (layer, token) at a time; "
+                    "values are the normalised recovery of the predicted class's logit (1 = fully "
+                    "restored).")
+        report.figure(act.plot(), "layer x token")
+        report.figure(act.plot(kind="grid", image=clean_img[0]), "maps over the first image")
+        report.figure(heads.plot(), "layer x head (head outputs, all tokens)")
+        report.table(act.top(5), "largest effects")
+        progress.advance(task)
+
+        # 3. path patching: direct effect of every head on the logits
+        path = pl.path_patching(model, clean, corrupted, pl.all_heads(model),
+                                pl.Node("resid_final"), pl.metrics.logit(pred), normalize=True,
+                                progress=False)
+        summary["path_top"] = path.top(3).to_dict(orient="records")
+        report.heading("Path patching (every head -> logits, direct path)")
+        report.figure(path.plot(), "normalised direct effect")
+        progress.advance(task)
+
+        # 4. CAAP and baselines, with deletion / insertion
+        caap_rows = _attribution_section(model, clean, pred, clean_img, report)
+        if caap_rows:
+            summary["attribution"] = caap_rows
+        progress.advance(task)
+
+        # 5. divergence of the interventions
+        div = _divergence_section(model, clean, corrupted, metric, report, seed)
+        if div:
+            summary["divergence"] = div
+        progress.advance(task)
+
+    path_out = report.save(out)
+    summary["report"] = str(path_out.resolve())
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+
+    table = Table(title=f"patchlens demo: {model_name}")
+    table.add_column("step")
+    table.add_column("result")
+    if "accuracy" in summary:
+        table.add_row("predictions", f"accuracy {summary['accuracy']:.2f} on {clean.shape[0]} images")
+    top = summary["activation_top"][0]
+    table.add_row("activation patching", f"largest recovery {top['value']:.2f} at layer "
+                  f"{top['layer']}, token {top['token']}")
+    ptop = summary["path_top"][0]
+    table.add_row("path patching", f"largest direct effect {ptop['value']:.2f} at head "
+                  f"{ptop['layer']}.{ptop['head']}")
+    for row in summary.get("attribution", []):
+        table.add_row(f"attribution: {row['method']}",
+                      f"deletion {row['deletion']:.3f}, insertion {row['insertion']:.3f}")
+    if summary.get("divergence"):
+        table.add_row("divergence", str(summary["divergence"]))
     console.print(table)
-    preds = logits.argmax(-1).tolist()
-    console.print(f"predictions: {preds}")
-    console.print(f"done in {time.perf_counter() - t0:.1f} s")
-    return {"n_hooks": len(model.hook_dict), "n_cached": len(cache.cache_dict), "preds": preds}
+    console.print(f"report: {summary['report']}  ({summary['seconds']} s)")
+    return summary
 
 
-def _demo_images(model) -> torch.Tensor:
+def _image_strip(clean: Tensor, corrupt: Tensor):
+    import plotly.express as px
+
+    imgs = torch.cat([clean, corrupt]).permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    fig = px.imshow(imgs, facet_col=0, facet_col_wrap=clean.shape[0], height=320)
+    fig.for_each_annotation(lambda a: a.update(text=""))
+    fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False)
+    return fig
+
+
+def _attribution_section(model, clean, pred, clean_img, report) -> list[dict]:
+    try:
+        from patchlens.attribution import METHODS
+        from patchlens.attribution.metrics import deletion_insertion
+    except ImportError:
+        return []
+    report.heading("Attribution: CAAP next to two baselines")
+    rows = []
+    for name in ("caap", "attention_rollout", "gradcam"):
+        if name not in METHODS:
+            continue
+        amap = METHODS[name](model, clean, target=pred)
+        scores = deletion_insertion(model, clean, amap)
+        rows.append({"method": name, "deletion": float(scores["deletion"].mean()),
+                     "insertion": float(scores["insertion"].mean())})
+        report.figure(amap.plot(0), f"{name} on the first image")
+    report.table(rows, "deletion AUC (lower is better) and insertion AUC (higher is better), "
+                 "probability of the predicted class")
+    return rows
+
+
+def _divergence_section(model, clean, corrupted, metric, report, seed) -> str | None:
+    try:
+        from patchlens.diagnostics import Reference
+    except ImportError:
+        return None
+    import patchlens as pl
+
+    natural = _natural_images(model, seed)
+    if natural is None:
+        return None
+    ref = Reference.fit(model, natural, ["resid_pre"], progress=False)
+    res = pl.activation_patching(model, clean, corrupted, metric, site="resid_pre", per="layer",
+                                 diagnose=ref, progress=False)
+    report.heading("Divergence of the interventions")
+    report.text(res.divergence.summary())
+    report.figure(res.divergence.plot())
+    report.table(res.divergence.to_pandas())
+    return res.divergence.summary()
+
+
+def _natural_images(model, seed: int) -> Tensor | None:
     try:
         from patchlens.zoo.clutter_digits import generate
-
-        data = generate(8, split="test", seed=0, image_size=model.cfg.image_size[0])
-        return model.preprocess(data.images)
-    except (ImportError, TypeError, ValueError):
-        g = torch.Generator().manual_seed(0)
-        return torch.randn(4, model.cfg.in_channels, *model.cfg.image_size, generator=g)
+    except ImportError:
+        return None
+    if tuple(model.cfg.image_size) != (64, 64):
+        return None
+    return model.preprocess(generate(256, split="train", seed=seed + 1).images)

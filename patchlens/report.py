@@ -1,0 +1,88 @@
+"""A self-contained HTML report: headings, text, tables and plotly figures in one file.
+
+plotly.js is inlined once, so the file opens offline in any browser.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_CSS = """
+body { font-family: -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
+       color: #222; line-height: 1.45; padding: 0 1rem; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .3rem; }
+h2 { margin-top: 2.2rem; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .92rem; }
+th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: right; }
+th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+.caption { color: #555; font-size: .9rem; margin-bottom: 1rem; }
+.figure { margin: 1rem 0; }
+.grid { display: flex; flex-wrap: wrap; gap: .5rem; }
+"""
+
+
+@dataclass
+class Report:
+    """Collects sections and writes them as one HTML file (`save`)."""
+
+    title: str
+    parts: list[str] = field(default_factory=list)
+    n_figures: int = 0
+
+    def heading(self, text: str, level: int = 2) -> Report:
+        self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
+        return self
+
+    def text(self, text: str) -> Report:
+        self.parts.append(f"<p>{html.escape(text)}</p>")
+        return self
+
+    def table(self, rows: Any, caption: str = "", floatfmt: str = "{:.3f}") -> Report:
+        """A table from a pandas DataFrame or a list of dicts."""
+        if hasattr(rows, "to_dict"):
+            rows = rows.to_dict(orient="records")
+        rows = list(rows)
+        if not rows:
+            return self.text("(empty table)")
+        cols = list(rows[0])
+
+        def fmt(v: Any) -> str:
+            if isinstance(v, float):
+                return floatfmt.format(v)
+            return html.escape(str(v))
+
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>"
+                       for r in rows)
+        self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        if caption:
+            self.parts.append(f'<div class="caption">{html.escape(caption)}</div>')
+        return self
+
+    def figure(self, fig: Any, caption: str = "") -> Report:
+        """A plotly figure (rendered by the inlined plotly.js)."""
+        self.n_figures += 1
+        div = fig.to_html(full_html=False, include_plotlyjs=False,
+                          div_id=f"figure-{self.n_figures}", config={"displaylogo": False})
+        cap = f'<div class="caption">{html.escape(caption)}</div>' if caption else ""
+        self.parts.append(f'<div class="figure">{div}{cap}</div>')
+        return self
+
+    def to_html(self) -> str:
+        from plotly.offline import get_plotlyjs
+
+        return (
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style>"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+            f"<h1>{html.escape(self.title)}</h1>" + "\n".join(self.parts) + "</body></html>"
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_html(), encoding="utf-8")
+        return path
