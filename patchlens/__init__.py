@@ -6,6 +6,7 @@ model's natural distribution.
 """
 
 from patchlens import metrics
+from patchlens.attribution.maps import AttributionMap
 from patchlens.errors import (
     CheckpointMismatchError,
     InputError,
@@ -34,6 +35,7 @@ from patchlens.patching import (
     run_variants,
 )
 from patchlens.recipes.activation import activation_patching
+from patchlens.recipes.caap import caap
 from patchlens.recipes.path import Node, all_heads, all_heads_and_mlps, path_patching
 from patchlens.zeroshot import zeroshot_head
 
@@ -42,6 +44,8 @@ __version__ = "0.1.0"
 __all__ = [
     "metrics",
     "activation_patching",
+    "caap",
+    "AttributionMap",
     "path_patching",
     "Node",
     "all_heads",

@@ -122,9 +122,10 @@ def activation_patching(
                            memory_budget=memory_budget, progress=progress)
         per_variant = res.outputs  # [V, B]
     else:
-        per_variant = _attribution(model, target, source, metric, variants)
-
+        per_variant = None
     m_target = m_corrupted if direction == "denoising" else m_clean
+    if method == "attribution":  # estimated patched metric = unpatched + first-order change
+        per_variant = m_target + _attribution(model, target, source, metric, variants)
     if isinstance(metric, Recovery):
         per_variant = metric.normalise(per_variant, m_clean, m_corrupted)
 

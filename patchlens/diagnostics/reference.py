@@ -1,0 +1,307 @@
+"""`Reference`: natural activations of a model at chosen sites, streamed and subsampled.
+
+The natural distribution every divergence is measured against (Grant et al., "Divergent
+representations", arXiv 2511.04638): per site and token class (``prefix`` tokens and
+``patches`` kept apart; ``all`` for hooks without a token axis) a uniform subsample of at most
+``max_samples`` vectors, the exact per-dimension mean and std over everything streamed, and, per
+layer, the natural range of every MLP neuron (``blocks.{l}.mlp.hook_post``) for the
+dormant-pathway check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from patchlens.errors import InputError, close_matches
+
+NEURON_SAMPLES = 1000  # reservoir per layer and class for neuron quantiles
+_NO_TOKEN_AXIS = ("hook_pooled", "hook_pooled_dist", "hook_logits", "hook_image_embed",
+                  "hook_normalized_embed")
+
+
+def fingerprint(model) -> dict[str, str]:
+    """Config digest and a hash of a few weights: detects a reference fitted on another model."""
+    cfg = model.cfg
+    fields = {k: v for k, v in sorted(vars(cfg).items())
+              if isinstance(v, (int, float, str, bool, tuple, list, type(None)))}
+    h = hashlib.sha256()
+    params = list(model.parameters())
+    for p in params[:2] + params[len(params) // 2 : len(params) // 2 + 1] + params[-2:]:
+        h.update(p.detach().flatten()[:4096].to(torch.float32).cpu().numpy().tobytes())
+    return {"config": hashlib.sha256(repr(fields).encode()).hexdigest()[:16],
+            "weights": h.hexdigest()[:16],
+            "shape": f"{cfg.n_layers}x{cfg.d_model}x{cfg.d_mlp}"}
+
+
+def token_classes(hook: str, n_prefix: int, n_tokens: int) -> dict[str, Tensor | None]:
+    """Token indices of each class at a hook (None: the hook has no token axis)."""
+    if hook in _NO_TOKEN_AXIS:
+        return {"all": None}
+    out = {}
+    if n_prefix:
+        out["prefix"] = torch.arange(n_prefix)
+    out["patches"] = torch.arange(n_prefix, n_tokens)
+    return out
+
+
+def class_of(token: int, n_prefix: int) -> str:
+    return "prefix" if token < n_prefix else "patches"
+
+
+def vectors(act: Tensor, hook: str) -> Tensor:
+    """A hook activation as ``[batch, tokens, D]`` (head axes flattened; ``[batch, 1, D]``
+    for hooks without a token axis)."""
+    if hook.endswith(("hook_pattern", "hook_attn_scores")):
+        raise InputError(
+            f"Divergence of attention patterns ({hook}) is not supported; diagnose the "
+            "attention output (attn_out, z or result) instead."
+        )
+    if hook in _NO_TOKEN_AXIS or act.ndim == 2:
+        return act.reshape(act.shape[0], 1, -1)
+    return act.reshape(act.shape[0], act.shape[1], -1)
+
+
+class _Reservoir:
+    """Uniform sample without replacement of at most ``cap`` rows (priority sampling)."""
+
+    def __init__(self, cap: int, gen: torch.Generator):
+        self.cap, self.gen = cap, gen
+        self.keys: Tensor | None = None
+        self.data: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        keys = torch.rand(x.shape[0], generator=self.gen)
+        if self.data is None:
+            self.keys, self.data = keys, x.clone()
+        else:
+            self.keys = torch.cat([self.keys, keys])
+            self.data = torch.cat([self.data, x])
+        if self.data.shape[0] > self.cap:
+            top = torch.topk(self.keys, self.cap).indices
+            self.keys, self.data = self.keys[top], self.data[top]
+
+
+class Reference:
+    """Natural activations at a set of sites (see module docstring).
+
+    Attributes:
+        samples: ``{hook: {class: [n, D]}}`` subsampled natural vectors.
+        stats: ``{hook: {class: (mean [D], std [D])}}`` over everything streamed.
+        neurons: ``{layer: {class: {"max", "median", "q999"} [d_mlp]}}`` natural MLP ranges.
+        meta: fingerprint, counts, layout.
+    """
+
+    def __init__(self, samples, stats, neurons, meta):
+        self.samples: dict[str, dict[str, Tensor]] = samples
+        self.stats: dict[str, dict[str, tuple[Tensor, Tensor]]] = stats
+        self.neurons: dict[int, dict[str, dict[str, Tensor]]] = neurons
+        self.meta: dict[str, Any] = meta
+        self._scorers: dict = {}
+
+    # ---- fitting --------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, model, images_or_loader: Tensor | Iterable, sites: Sequence[Any] = ("resid_pre",),
+            max_samples: int = 5000, batch_size: int = 64, progress: bool | None = None,
+            seed: int = 0) -> Reference:
+        """Stream natural activations of ``model`` at ``sites``.
+
+        Args:
+            images_or_loader: normalised model inputs ``[N, C, H, W]`` (``model.preprocess``),
+                or an iterable of such batches (or of tuples whose first item is one).
+            sites: short names (``"resid_pre"``: every layer), ``(short_name, layers)``,
+                `Site` objects or full hook names.
+            max_samples: vectors kept per site and token class (uniform subsample).
+            progress: tqdm bar (None: when there is more than one batch).
+        """
+        from patchlens.patching.sites import Site
+
+        hooks: list[str] = []
+        for s in sites:
+            site = s if isinstance(s, Site) else Site(*s) if isinstance(s, tuple) else Site(s)
+            hooks += [h for h, _ in site.hook_names(model)]
+        hooks = list(dict.fromkeys(hooks))
+        if not hooks:
+            raise InputError("Reference.fit needs at least one site.")
+        if max_samples < 1:
+            raise InputError(f"max_samples must be >= 1, got {max_samples}.")
+        n_layers = model.cfg.n_layers
+        mlp_hooks = {f"blocks.{l}.mlp.hook_post": l for l in range(n_layers)}
+        mlp_hooks = {h: l for h, l in mlp_hooks.items() if h in model.hook_dict}
+        layout = model.layout
+        gen = torch.Generator().manual_seed(seed)
+
+        if isinstance(images_or_loader, Tensor):
+            x = images_or_loader
+            model.check_images(x)
+            batches: Iterable = (x[i : i + batch_size] for i in range(0, x.shape[0], batch_size))
+            total = -(-x.shape[0] // batch_size)
+        else:
+            batches, total = images_or_loader, None
+            try:
+                total = len(images_or_loader)  # type: ignore[arg-type]
+            except TypeError:
+                pass
+        show = progress if progress is not None else (total is None or total > 1)
+        if show:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=total, desc="reference", unit="batch", leave=False)
+
+        res: dict[str, dict[str, _Reservoir]] = {}
+        sums: dict[str, dict[str, list]] = {}
+        nres: dict[int, dict[str, _Reservoir]] = {}
+        nmax: dict[int, dict[str, Tensor]] = {}
+        n_images = 0
+        names = hooks + [h for h in mlp_hooks if h not in hooks]
+        p = next(model.parameters())
+        with torch.inference_mode():
+            for batch in batches:
+                if isinstance(batch, (tuple, list)):
+                    batch = batch[0]
+                batch = torch.as_tensor(batch).to(p.device, p.dtype)
+                model.check_images(batch)
+                _, cache = model.run_with_cache(batch, names_filter=names, return_type=None)
+                n_images += batch.shape[0]
+                for h in hooks:
+                    v = vectors(cache[h], h).float().cpu()
+                    for c, toks in token_classes(h, layout.n_prefix, v.shape[1]).items():
+                        rows = (v if toks is None else v[:, toks]).reshape(-1, v.shape[-1])
+                        res.setdefault(h, {}).setdefault(c, _Reservoir(max_samples, gen)).add(rows)
+                        acc = sums.setdefault(h, {}).setdefault(c, [0, 0.0, 0.0])
+                        r64 = rows.double()
+                        acc[0] += rows.shape[0]
+                        acc[1] = acc[1] + r64.sum(0)
+                        acc[2] = acc[2] + (r64 * r64).sum(0)
+                for h, l in mlp_hooks.items():
+                    v = cache[h].float().cpu()
+                    for c, toks in token_classes(h, layout.n_prefix, v.shape[1]).items():
+                        rows = v[:, toks].reshape(-1, v.shape[-1])
+                        nres.setdefault(l, {}).setdefault(c, _Reservoir(NEURON_SAMPLES, gen)).add(rows)
+                        m = rows.amax(0)
+                        d = nmax.setdefault(l, {})
+                        d[c] = m if c not in d else torch.maximum(d[c], m)
+        if n_images == 0:
+            raise InputError("Reference.fit got no images.")
+
+        samples = {h: {c: r.data for c, r in d.items()} for h, d in res.items()}
+        stats = {}
+        for h, d in sums.items():
+            stats[h] = {}
+            for c, (n, s, s2) in d.items():
+                mean = s / n
+                var = (s2 / n - mean * mean).clamp_min(0) * n / max(n - 1, 1)
+                stats[h][c] = (mean.float(), var.sqrt().float())
+        neurons = {}
+        for l, d in nres.items():
+            neurons[l] = {}
+            for c, r in d.items():
+                q = torch.quantile(r.data, torch.tensor([0.5, 0.999]), dim=0)
+                neurons[l][c] = {"max": nmax[l][c], "median": q[0], "q999": q[1]}
+        meta = {"fingerprint": fingerprint(model), "n_images": n_images,
+                "max_samples": max_samples, "hooks": hooks, "n_prefix": layout.n_prefix,
+                "n_tokens": layout.n_tokens,
+                "counts": {h: {c: int(v[0]) for c, v in d.items()} for h, d in sums.items()}}
+        return cls(samples, stats, neurons, meta)
+
+    # ---- access ---------------------------------------------------------------------------
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.samples)
+
+    def check_model(self, model) -> None:
+        """Raise `InputError` if the reference was fitted on another model."""
+        mine, theirs = self.meta["fingerprint"], fingerprint(model)
+        if mine != theirs:
+            what = "architecture" if mine["config"] != theirs["config"] else "weights"
+            raise InputError(
+                f"This reference was fitted on another model ({what} differ: reference "
+                f"{mine['shape']} {mine['weights']}, model {theirs['shape']} {theirs['weights']}). "
+                "Fit a Reference on this model: Reference.fit(model, images, sites)."
+            )
+
+    def check_hook(self, hook: str) -> None:
+        if hook not in self.samples:
+            near = close_matches(hook, self.samples)
+            hint = f" Closest: {', '.join(near)}." if near else ""
+            raise InputError(
+                f"Site {hook!r} is not in the reference (it has {len(self.samples)} sites).{hint} "
+                f"Fit it: Reference.fit(model, images, sites=[..., {hook!r}])."
+            )
+
+    def natural(self, hook: str, cls: str) -> Tensor:
+        """Natural vectors ``[n, D]`` at ``hook`` for token class ``cls``."""
+        self.check_hook(hook)
+        if cls not in self.samples[hook]:
+            raise InputError(f"No {cls!r} tokens at {hook} in the reference; "
+                             f"classes: {list(self.samples[hook])}.")
+        return self.samples[hook][cls]
+
+    def scorer(self, hook: str, cls: str, k: int = 20, var: float = 0.95):
+        """The fitted `NaturalScorer` for a site and token class (cached)."""
+        from patchlens.diagnostics.measures import NaturalScorer
+
+        key = (hook, cls, k, var)
+        if key not in self._scorers:
+            self._scorers[key] = NaturalScorer(self.natural(hook, cls), k=k, var=var,
+                                               stats=self.stats[hook][cls])
+        return self._scorers[key]
+
+    def __repr__(self) -> str:
+        fp = self.meta["fingerprint"]
+        return (f"Reference({len(self.samples)} sites, {self.meta['n_images']} images, "
+                f"<= {self.meta['max_samples']} vectors per site and class, model "
+                f"{fp['shape']} {fp['weights']})")
+
+    # ---- persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write one safetensors file (tensors + JSON metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for h, d in self.samples.items():
+            for c, v in d.items():
+                tensors[f"samples|{h}|{c}"] = v.contiguous()
+                tensors[f"mean|{h}|{c}"], tensors[f"std|{h}|{c}"] = self.stats[h][c]
+        for l, d in self.neurons.items():
+            for c, q in d.items():
+                for k, v in q.items():
+                    tensors[f"neurons|{l}|{c}|{k}"] = v.contiguous()
+        save_file(tensors, str(path), metadata={"patchlens_reference": json.dumps(self.meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Reference:
+        """Read a file written by `save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            if "patchlens_reference" not in md:
+                raise InputError(f"{path} is not a patchlens Reference file.")
+            meta = json.loads(md["patchlens_reference"])
+            samples: dict = {}
+            stats: dict = {}
+            neurons: dict = {}
+            parts: dict = {}
+            for key in f.keys():
+                kind, *rest = key.split("|")
+                t = f.get_tensor(key)
+                if kind == "samples":
+                    samples.setdefault(rest[0], {})[rest[1]] = t
+                elif kind in ("mean", "std"):
+                    parts.setdefault((rest[0], rest[1]), {})[kind] = t
+                elif kind == "neurons":
+                    neurons.setdefault(int(rest[0]), {}).setdefault(rest[1], {})[rest[2]] = t
+        for (h, c), d in parts.items():
+            stats.setdefault(h, {})[c] = (d["mean"], d["std"])
+        samples = {h: samples[h] for h in meta["hooks"] if h in samples}
+        return cls(samples, stats, dict(sorted(neurons.items())), meta)
+
+
+__all__ = ["Reference", "fingerprint"]

@@ -1,0 +1,185 @@
+"""Divergence diagnostics: known answers (Grant et al., arXiv 2511.04638), numpy/scipy
+cross-checks and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import patchlens as pl
+from patchlens.diagnostics import (
+    NaturalScorer,
+    Reference,
+    assess,
+    counterfactual_latent_loss,
+    dormant_units,
+    local_pca_residual,
+    null_fraction,
+    ot_divergence,
+)
+from patchlens.diagnostics.measures import relu_layer
+from patchlens.errors import InputError
+
+
+def gaussian(n, d=16, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=torch.Generator().manual_seed(99)) / d**0.5
+    return torch.randn(n, d, generator=g) @ mix + shift
+
+
+@pytest.fixture(scope="module")
+def natural():
+    return gaussian(1200, seed=1)
+
+
+def test_held_out_natural_scores_as_natural(natural):
+    held = gaussian(300, seed=2)
+    r = ot_divergence(held, natural)
+    assert 0.8 < r.ratio < 1.25  # documented bound (docs/divergence.md) for 300 vs 600/600
+    out = assess(held, natural)
+    assert out["verdict"] == "natural"
+    assert out["outlier_rate"] < 0.06
+    assert 40 < out["mahalanobis_pct"] < 60
+
+
+def test_large_random_steering_is_divergent(natural):
+    steer = 3 * torch.randn(16, generator=torch.Generator().manual_seed(3))
+    out = assess(gaussian(300, seed=2) + steer, natural)
+    assert out["ot_ratio"] > 1.5 and out["outlier_rate"] > 0.9
+    assert out["verdict"].startswith("divergent")
+
+
+def test_null_space_of_linear_readout_is_harmless(natural):
+    W = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
+    _, _, vh = torch.linalg.svd(W)
+    null_dir = vh[-1] * 8  # W @ null_dir == 0
+    held = gaussian(300, seed=2)
+    patched = held + null_dir
+    assert torch.allclose(patched @ W.T, held @ W.T, atol=1e-4)  # zero behavioural effect
+    out = assess(patched, natural, readout=W, delta=patched - held,
+                 downstream=lambda x: x @ W.T)
+    assert out["verdict"] == "divergent-harmless"
+    assert out["null_fraction"] > 0.999
+
+
+def test_toy_relu_pernicious_unit():
+    # paper, section 5: unit 3 is silent on every natural input; the mean-difference patch
+    # flips the class as intended but turns it on.
+    W = [[0.75, 0.25, 0, 0.5], [0, 1, 0, 0], [1, 1, -1, -1]]
+    b = [-0.5, -0.5, 0]
+    f = relu_layer(W, b)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 2, (400, 2), generator=g).float()
+    extra = torch.rand(400, 2, generator=g)
+    natural = torch.cat([base, base + extra], 1)  # x2 >= x0, x3 >= x1
+    assert f(natural)[:, 2].max() == 0
+    delta = torch.tensor([0.5, 0.5, 0, -0.5])
+    src = natural[(base.sum(1) == 0) & (extra.sum(1) < 1)]  # class-0 inputs
+    mask = dormant_units(f(src + delta), f(natural).amax(0), f(natural).median(0).values)
+    assert mask.tolist() == [False, False, True]
+    out = assess(src + delta, natural, downstream=f)
+    assert out["dormant"] == [2] and out["verdict"] == "divergent-pernicious"
+
+
+def test_measures_match_numpy_scipy():
+    from scipy.spatial import cKDTree
+    from scipy.spatial.distance import mahalanobis
+    from sklearn.covariance import LedoitWolf
+
+    nat = gaussian(200, d=6, seed=5)
+    x = gaussian(7, d=6, seed=6, shift=0.5)
+    s = NaturalScorer(nat)
+    sc = s.scores(x)
+    z = lambda v: ((v - s.mean) / s.std).double().numpy()  # noqa: E731
+    fit = s.fit.double().numpy()
+    lw = LedoitWolf().fit(fit)
+    ref_m = [mahalanobis(v, lw.location_, lw.precision_) for v in z(x)]
+    np.testing.assert_allclose(sc["mahalanobis"].numpy(), ref_m, rtol=1e-4)
+    d, _ = cKDTree(fit).query(z(x), k=1)
+    np.testing.assert_allclose(sc["knn"].numpy(), d**2 / 6, rtol=1e-4)
+    res = []
+    for v in z(x):
+        nb = fit[np.argsort(((fit - v) ** 2).sum(1))[:20]]
+        mu = nb.mean(0)
+        _, sv, vt = np.linalg.svd(nb - mu, full_matrices=False)
+        k = int((np.cumsum(sv**2) / np.sum(sv**2) < 0.95).sum()) + 1
+        r = v - mu
+        res.append(((r - vt[:k].T @ (vt[:k] @ r)) ** 2).mean())
+    np.testing.assert_allclose(sc["local_pca"].numpy(), res, rtol=1e-4)
+    np.testing.assert_allclose(local_pca_residual(torch.as_tensor(z(x)).float(), s.fit),
+                               res, rtol=1e-4)
+    J = torch.randn(5, 3, 6, dtype=torch.float64)
+    dl = torch.randn(5, 6, dtype=torch.float64)
+    P = [np.linalg.pinv(j) @ j for j in J.numpy()]
+    want = [1 - (p @ v) @ (p @ v) / (v @ v) for p, v in zip(P, dl.numpy())]
+    np.testing.assert_allclose(null_fraction(dl, J).numpy(), want, rtol=1e-4)
+
+
+def test_counterfactual_latent_loss():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    bb = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    want = ((a - bb) ** 2).mean() + (1 - torch.tensor([0.0, 1.0]).mean())
+    assert torch.allclose(counterfactual_latent_loss(a, bb), want)
+    with pytest.raises(InputError):
+        counterfactual_latent_loss(a, bb[:1])
+
+
+# ---- on a HookedViT ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit_setup(tiny_cfg):
+    torch.manual_seed(0)
+    model = pl.HookedViT(tiny_cfg).eval()
+    images = torch.randn(120, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ref = Reference.fit(model, images, ["resid_pre"], max_samples=800, batch_size=40,
+                        progress=False)
+    return model, images, ref
+
+
+def test_sweep_with_diagnose(vit_setup, tmp_path):
+    model, images, ref = vit_setup
+    clean, corrupted = images[:3], images[3:6]
+    res = pl.activation_patching(model, clean, corrupted, pl.metrics.logit_diff(0, 1),
+                                 layers=[0, 2], tokens=[0, 1, 5], diagnose=ref)
+    rep = res.divergence
+    assert len(rep.variant_verdicts()) == 6
+    df = rep.to_pandas()
+    assert {"verdict", "outlier_rate", "null_fraction", "n_dormant"} <= set(df.columns)
+    assert "variants" in rep.summary() and "\n" not in rep.summary()
+    assert "divergence:" in repr(res)
+    rep.plot()
+    ref.save(tmp_path / "ref.safetensors")
+    back = Reference.load(tmp_path / "ref.safetensors")
+    assert back.hooks == ref.hooks
+    assert torch.equal(back.natural(ref.hooks[0], "patches"), ref.natural(ref.hooks[0], "patches"))
+    back.check_model(model)
+
+
+def test_steering_sweep_is_divergent(vit_setup):
+    from patchlens.diagnostics import diagnose
+    from patchlens.patching import Add, Site, Variant
+
+    model, images, ref = vit_setup
+    steer = 50 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    v = [Variant([(Site("resid_pre", layers=1, tokens="patches"), Add(steer))], "steer")]
+    rep = diagnose(model, images[:4], v, ref, ot=False)
+    assert rep.variant_verdicts()[0].startswith("divergent")
+    assert rep.rows[0]["outlier_rate"] > 0.9
+
+
+def test_bad_input(vit_setup, tiny_cfg):
+    from patchlens.diagnostics import diagnose
+    from patchlens.patching import Site, Variant, Zero
+
+    model, images, ref = vit_setup
+    v = [Variant([(Site("resid_mid", layers=0), Zero())], "z")]
+    with pytest.raises(InputError, match="not in the reference"):
+        diagnose(model, images[:2], v, ref)
+    torch.manual_seed(5)
+    other = pl.HookedViT(tiny_cfg).eval()
+    with pytest.raises(InputError, match="another model"):
+        diagnose(other, images[:2], [Variant([(Site("resid_pre", layers=0), Zero())])], ref)
+    with pytest.raises(InputError, match="at least 42 natural vectors"):
+        NaturalScorer(torch.randn(30, 4))
+    with pytest.raises(InputError, match="at least 20 natural vectors"):
+        ot_divergence(torch.randn(5, 4), torch.randn(10, 4))
