@@ -206,6 +206,7 @@ def train(
     st_path = out / f"{name}.safetensors"
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(st_path), metadata={"name": name, "format": "patchlens-hookedvit"})
+    st_path.chmod(0o644)  # safetensors writes 0600; package data must be world-readable
     record = {
         "name": name,
         "description": MODELS[name][0],
