@@ -7,7 +7,7 @@ patch's representation yet and late layers have mixed information across tokens,
 window. The paper's neutral context and window are not published: both are parameters here,
 with defaults chosen on the clutter-digits benchmark (``docs/benchmarks.md``).
 
-Every patched run is an engine `Variant` (one per block, ``Interchange(images)`` at the block's
+Every patched run is an engine `Variant` (one per block, the image's activations at the block's
 tokens), so the engine batches them and starts each at layer ``start`` from the context's
 cached residual stream (prefix reuse).
 """
@@ -24,14 +24,14 @@ from patchlens import metrics as M
 from patchlens.attribution.maps import AttributionMap, resolve_target
 from patchlens.errors import InputError
 from patchlens.patching.engine import Variant, run_variants
-from patchlens.patching.interventions import Interchange, Mean
-from patchlens.patching.sites import PATTERN_HOOKS, SHORT_NAMES, Rect, Site
+from patchlens.patching.interventions import Mean, Stored
+from patchlens.patching.sites import PATTERN_HOOKS, SHORT_NAMES, Rect, Site, options_for
 
 CONTEXTS = ("blur", "mean", "zeros", "noise", "mean_activation")
 SCORES = ("logit", "probability", "log_probability", "logit_diff")
 #: default layer window as fractions of the depth: (start, end) = (round(a * n), round(b * n)),
 #: chosen by the ablation in docs/benchmarks.md.
-DEFAULT_WINDOW = (1 / 3, 1.0)
+DEFAULT_WINDOW = (0.0, 1.0)
 
 
 def default_layers(n_layers: int) -> tuple[int, int]:
@@ -64,7 +64,7 @@ def caap(
         images: normalised model inputs ``[batch, chan, H, W]`` (``model.preprocess``).
         target: explained class: None (the prediction on the image), an int, or ``[batch]``.
         layers: window ``(start, end)``, patched at layers ``start <= l < end``
-            (default `default_layers`: ``(n // 3, n)``).
+            (default `default_layers`: ``(0, n)``, the best window of the ablation).
         context: the neutral run the patches are written into: ``"blur"`` (Gaussian blur of
             the image in pixel space, re-normalised), ``"mean"`` (the data mean colour = zeros
             in normalised space), ``"zeros"`` (a black image), ``"noise"`` (seeded standard
@@ -99,15 +99,20 @@ def caap(
     gh, gw = layout.grid
     group = _check_group(group, gh, gw)
 
-    with torch.inference_mode():
-        logits = model(x)
+    ctx, pre = _context(model, x, context, blur_kernel, blur_sigma, reference, seed, start)
+    hooks = [name for name, _ in Site(site, layers=range(start, end)).hook_names(model)]
+    with torch.inference_mode(), model.options(**options_for(hooks)):
+        # one batched run gives the image's logits and source activations and, for an image
+        # context, the context's logits (no separate reference pass in the engine)
+        both = x if pre else torch.cat([x, ctx])
+        all_logits, cache = model.run_with_cache(both, names_filter=hooks)
+    logits, ctx_logits = all_logits[:b], all_logits[b:]
     tgt = resolve_target(model, x, target, logits)
     metric = _score_fn(score, tgt, second_class, logits, model.cfg.n_classes)
 
-    ctx, pre = _context(model, x, context, blur_kernel, blur_sigma, reference, seed, start)
     blocks = [(r0, min(r0 + group, gh), c0, min(c0 + group, gw))
               for r0 in range(0, gh, group) for c0 in range(0, gw, group)]
-    source = Interchange(x, "image")
+    source = Stored({h: cache[h][:b] for h in hooks}, "image")
     variants = [
         Variant(pre + [(Site(site, layers=range(start, end), tokens=Rect(*blk)), source)],
                 label=blk)
@@ -121,13 +126,11 @@ def caap(
     if pre:
         base, out = out[-1], out[:-1]
     else:
-        with torch.inference_mode():
-            base = metric(model(ctx)).float().cpu()
+        base = metric(ctx_logits).float().cpu()
     values = torch.zeros(b, gh, gw)
     for (r0, r1, c0, c1), v in zip(blocks, out - base):
         values[:, r0:r1, c0:c1] = v.view(b, 1, 1)
-    with torch.inference_mode():
-        full = metric(logits).float().cpu()
+    full = metric(logits).float().cpu()
     meta = {"layers": (start, end), "context": context if isinstance(context, str) else "image",
             "site": site, "score": score, "group": group, "context_score": base,
             "image_score": full}
