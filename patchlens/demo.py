@@ -18,14 +18,10 @@ from torch import Tensor
 
 def _pairs_from_zoo(model, n: int, seed: int):
     """Clutter-digit images (clean) and the same images with the digit erased (corrupted)."""
-    from patchlens.zoo.clutter_digits import generate
+    from patchlens.zoo.clutter_digits import erase_digits, generate
 
     data = generate(n, split="test", seed=seed, image_size=model.cfg.image_size[0])
-    corrupt = data.images.clone()
-    for i in range(n):
-        mask = data.masks[i]
-        corrupt[i][:, mask] = data.images[i][:, ~mask].median(dim=1).values[:, None]
-    return data.images, corrupt, data.labels, data
+    return data.images, erase_digits(data), data.labels, data
 
 
 def _pairs_from_paths(model, paths: Sequence[str]):

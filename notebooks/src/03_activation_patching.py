@@ -11,17 +11,13 @@ import plotly.express as px
 import torch
 
 import patchlens as pl
-from patchlens.zoo.clutter_digits import generate
+from patchlens.zoo.clutter_digits import erase_digits, generate
 
 torch.manual_seed(0)
 model = pl.HookedViT.from_pretrained("clutter-digits-vit")
 data = generate(4, split="test", seed=3)
 clean_images = data.images
-corrupt_images = clean_images.clone()
-for i in range(len(data)):
-    mask = data.masks[i]
-    fill = clean_images[i][:, ~mask].median(dim=1).values
-    corrupt_images[i][:, mask] = fill[:, None]
+corrupt_images = erase_digits(data)
 clean, corrupted = model.preprocess(clean_images), model.preprocess(corrupt_images)
 px.imshow(torch.cat([clean_images, corrupt_images]).permute(0, 2, 3, 1).numpy(), facet_col=0,
           facet_col_wrap=4, height=360)

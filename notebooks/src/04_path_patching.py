@@ -10,15 +10,12 @@ import torch
 
 import patchlens as pl
 from patchlens import Node
-from patchlens.zoo.clutter_digits import generate
+from patchlens.zoo.clutter_digits import erase_digits, generate
 
 model = pl.HookedViT.from_pretrained("clutter-digits-vit")
 data = generate(4, split="test", seed=3)
 clean_images = data.images
-corrupt_images = clean_images.clone()
-for i in range(len(data)):
-    mask = data.masks[i]
-    corrupt_images[i][:, mask] = clean_images[i][:, ~mask].median(dim=1).values[:, None]
+corrupt_images = erase_digits(data)
 clean, corrupted = model.preprocess(clean_images), model.preprocess(corrupt_images)
 metric = pl.metrics.logit(data.labels)
 

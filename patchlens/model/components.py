@@ -213,7 +213,7 @@ class Attention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if is_hooked(self.hook_attn_scores, self.hook_pattern):
-            scores = self.hook_attn_scores((q @ k.transpose(-2, -1)) * self.scale)
+            scores = self.hook_attn_scores((q * self.scale) @ k.transpose(-2, -1))
             pattern = self.hook_pattern(scores.softmax(dim=-1))
             z = pattern @ v
         else:

@@ -367,3 +367,14 @@ def generate(
         marker_boxes=torch.from_numpy(mboxes.astype(np.int64)),
         scan_ids=torch.from_numpy(scan.astype(np.int64)),
     )
+
+
+def erase_digits(data: ClutterDigits) -> torch.Tensor:
+    """Counterfactual images for patching: each image with its target digit erased (the digit's
+    pixels filled with the median colour of the rest of the image), clutter and background
+    kept. Returns float ``[n, 3, H, W]`` in [0, 1]."""
+    out = data.images.clone()
+    for i in range(len(data)):
+        mask = data.masks[i]
+        out[i][:, mask] = data.images[i][:, ~mask].median(dim=1).values[:, None]
+    return out
