@@ -6,8 +6,9 @@ Measured in one run and printed as ratios/figures (no constants):
 - fit: `Reference.fit` on N clutter-digits images at every residual site (resid_pre/mid/post of
   all layers): seconds and peak resident memory (target: < 120 s, < 2 GB);
 - sweep: a full layer x token resid_pre activation-patching sweep, without and with
-  ``diagnose=reference``; the ratio (with - without) / without (target: <= 0.5). The first
-  diagnosis fits the per-site scorers (cached on the reference); the second shows the steady state.
+  ``diagnose=reference`` (interleaved repeats, best of each), and the ratio (target: <= 1.5x).
+  The per-site scorers are fitted by `Reference.fit` (and kept by save/load), so they count in
+  the fit time, not in the sweep.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
     model, name = load_model()
     print(f"model: {name}; threads: {torch.get_num_threads()}")
@@ -53,15 +55,21 @@ def main(argv=None):
     clean, corrupted = te[: args.pairs], te[args.pairs :]
     metric = pl.metrics.logit_diff(0, 1)
     pl.activation_patching(model, clean, corrupted, metric, progress=False)  # warm-up
-    times = {}
-    for label, kw in [("sweep", {}), ("sweep+diagnose (first)", {"diagnose": ref}),
-                      ("sweep", {}), ("sweep+diagnose (cached)", {"diagnose": ref})]:
-        t0 = time.perf_counter()
-        res = pl.activation_patching(model, clean, corrupted, metric, progress=False, **kw)
-        times[label] = time.perf_counter() - t0
-    base = times["sweep"]
-    for k, v in times.items():
-        print(f"{k:>26}: {v:.2f} s" + ("" if k == "sweep" else f"  (+{(v - base) / base:.0%})"))
+    pl.activation_patching(model, clean, corrupted, metric, progress=False, diagnose=ref)
+    # interleaved repeats, best of each (the machine is shared; the minimum is the least noisy)
+    times: dict[str, list[float]] = {"sweep": [], "sweep+diagnose": []}
+    for _ in range(args.repeats):
+        for label, kw in [("sweep", {}), ("sweep+diagnose", {"diagnose": ref})]:
+            t0 = time.perf_counter()
+            res = pl.activation_patching(model, clean, corrupted, metric, progress=False, **kw)
+            times[label].append(time.perf_counter() - t0)
+    base, diag = min(times["sweep"]), min(times["sweep+diagnose"])
+    n = res.values.numel()
+    print(f"layer x token sweep ({n} variants, {args.pairs} pairs), best of {args.repeats}:")
+    print(f"  sweep          : {base:.2f} s   (all: {', '.join(f'{t:.2f}' for t in times['sweep'])})")
+    print(f"  sweep+diagnose : {diag:.2f} s   (all: "
+          f"{', '.join(f'{t:.2f}' for t in times['sweep+diagnose'])})")
+    print(f"  ratio          : {diag / base:.2f}x  (+{(diag - base) / base:.0%}; target <= 1.5x)")
     print("report:", res.divergence.summary())
 
 

@@ -9,6 +9,7 @@ import torch
 
 import patchlens as pl
 from patchlens.diagnostics import (
+    THRESHOLDS,
     NaturalScorer,
     Reference,
     assess,
@@ -183,3 +184,51 @@ def test_bad_input(vit_setup, tiny_cfg):
         NaturalScorer(torch.randn(30, 4))
     with pytest.raises(InputError, match="at least 20 natural vectors"):
         ot_divergence(torch.randn(5, 4), torch.randn(10, 4))
+
+
+# ---- calibration on the trained zoo model (docs/divergence.md, "Verdicts and thresholds") ------
+@pytest.fixture(scope="module")
+def zoo():
+    from patchlens.zoo.clutter_digits import generate
+
+    model = pl.HookedViT.from_pretrained("clutter-digits-vit").eval()
+    x = model.preprocess(generate(200, split="train", seed=0).images)
+    ref = Reference.fit(model, x, [("resid_pre", [1, 3])], max_samples=2000, progress=False)
+    held = model.preprocess(generate(8, split="test", seed=5).images)
+    return model, ref, held
+
+
+def test_zoo_natural_inputs_are_natural(zoo):
+    """Held-out natural images run unpatched (a self-patch is the unpatched run) stay within
+    every downstream neuron's natural bound, and self-patches are `natural`."""
+    from patchlens.diagnostics import diagnose
+    from patchlens.patching import Interchange, Site, Variant
+
+    model, ref, held = zoo
+    v = [Variant([(Site("resid_pre", layers=l, tokens=t), Interchange(held))], (l, t))
+         for l in (1, 3) for t in (0, 9, 30, 64)]
+    v.append(Variant([(Site("resid_pre", layers=1), Interchange(held))], "all tokens"))
+    rep = diagnose(model, held, v, ref, ot=False)
+    assert rep.meta["target_dormant"] == []  # unpatched held-out images: no neuron beyond bound
+    assert rep.variant_verdicts() == ["natural"] * len(v)
+    assert max(r["outlier_rate"] for r in rep.rows) < 0.5
+    # the dormant bound alone (without the "beyond the unpatched target" condition)
+    bound = {l: ref.neurons[l]["patches"]["max"] + THRESHOLDS["dormant_margin"] * (
+        ref.neurons[l]["patches"]["max"] - ref.neurons[l]["patches"]["median"]) for l in range(6)}
+    names = [f"blocks.{l}.mlp.hook_post" for l in range(6)]
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(held, names_filter=names, return_type=None)
+    for l in range(6):
+        assert not (cache[names[l]][:, 1:].amax((0, 1)) > bound[l]).any()
+
+
+def test_zoo_random_steering_is_divergent(zoo):
+    from patchlens.diagnostics import diagnose
+    from patchlens.patching import Add, Site, Variant
+
+    model, ref, held = zoo
+    steer = 20 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    v = [Variant([(Site("resid_pre", layers=1, tokens="patches"), Add(steer))], "steer")]
+    rep = diagnose(model, held[:4], v, ref, ot=False)
+    assert rep.variant_verdicts()[0].startswith("divergent")
+    assert rep.rows[0]["outlier_rate"] > 0.9

@@ -14,6 +14,7 @@ Follows Grant, Han, Tartaglini & Potts, "Divergent representations" (arXiv 2511.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,23 @@ def _cap(x: Tensor, k: int, seed: int) -> Tensor:
     return x[idx]
 
 
+@contextmanager
+def few_threads(n: int = 1):
+    """Run small tensor ops on ``n`` intra-op threads: the Sinkhorn iterations (a
+    ``logsumexp`` over a few hundred points, ~800 calls) and the per-vector measures are
+    dominated by thread-pool synchronisation otherwise (20x slower on a shared 2-core
+    machine)."""
+    before = torch.get_num_threads()
+    if n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def sinkhorn(x: Tensor, y: Tensor, blur: float = 0.05) -> float:
     """Debiased Sinkhorn divergence ``S_eps(x, y)`` (geomloss, p=2) of two point clouds
     ``[N, D]``, ``[M, D]`` (uniform weights)."""
@@ -70,7 +88,8 @@ def sinkhorn(x: Tensor, y: Tensor, blur: float = 0.05) -> float:
         return 0.0
     loss = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=0.7, backend="tensorized",
                        diameter=max(diameter, 2 * blur))
-    return float(loss(x.contiguous(), y.contiguous()).clamp_min(0.0))
+    with few_threads(1 if x.shape[0] * y.shape[0] <= 1024**2 else torch.get_num_threads()):
+        return float(loss(x.contiguous(), y.contiguous()).clamp_min(0.0))
 
 
 @dataclass
@@ -89,13 +108,15 @@ MIN_OT = 20  # natural vectors needed (two halves of 10)
 
 
 def ot_divergence(patched, natural, *, blur: float = 0.05, max_samples: int = 5000,
-                  seed: int = 0, stats: tuple[Tensor, Tensor] | None = None) -> OTResult:
+                  seed: int = 0, stats: tuple[Tensor, Tensor] | None = None,
+                  baseline_cache: dict | None = None, cache_key=None) -> OTResult:
     """Sinkhorn divergence of ``patched [M, D]`` to ``natural [N, D]`` beside its baseline.
 
     The natural set is split into disjoint halves A and B; ``distance = S(P, A)`` and
     ``baseline = S(B, A)`` with P and B subsampled to the same size ``min(M, |B|)`` (the
     debiased divergence still depends on the sample size), after z-scoring with the natural
-    statistics and scaling by ``1/sqrt(D)`` (paper, section 3).
+    statistics and scaling by ``1/sqrt(D)`` (paper, section 3). ``baseline_cache`` (a dict)
+    with ``cache_key`` reuses the baseline of an earlier call with the same natural set.
     """
     p = _as_2d(patched, "patched")
     q = _as_2d(natural, "natural")
@@ -114,7 +135,14 @@ def ot_divergence(patched, natural, *, blur: float = 0.05, max_samples: int = 50
     a, b = q[a_idx], q[b_idx]
     m = min(p.shape[0], b.shape[0])
     p, b = _cap(p, m, seed + 2), _cap(b, m, seed + 3)
-    d, base = sinkhorn(p, a, blur), sinkhorn(b, a, blur)
+    d = sinkhorn(p, a, blur)
+    ck = (cache_key, m, q.shape[0], blur, seed)
+    if baseline_cache is not None and cache_key is not None and ck in baseline_cache:
+        base = baseline_cache[ck]
+    else:
+        base = sinkhorn(b, a, blur)
+        if baseline_cache is not None and cache_key is not None:
+            baseline_cache[ck] = base
     ratio = 1.0 if max(d, base) <= 1e-12 else d / base if base > 1e-12 else float("inf")
     return OTResult(d, base, ratio, p.shape[0], a.shape[0])
 
@@ -143,18 +171,18 @@ def local_pca_residual(x: Tensor, ref: Tensor, k: int = 20, var: float = 0.95,
     for i in range(0, x.shape[0], chunk):
         nb = ref[idx[i : i + chunk]]                           # [m, k, D]
         mu = nb.mean(1, keepdim=True)
-        xc = (nb - mu).double()
+        xc = nb - mu
         # principal directions from the k x k Gram matrix (k << D): v_j = xc^T u_j / s_j
-        ev, u = torch.linalg.eigh(xc @ xc.transpose(1, 2))     # ascending
+        ev, u = torch.linalg.eigh(torch.bmm(xc, xc.transpose(1, 2)).double())  # ascending
         ev, u = ev.flip(-1).clamp_min(0), u.flip(-1)
         frac = ev.cumsum(1) / ev.sum(1, keepdim=True).clamp_min(1e-30)
         n_comp = (frac < var).sum(1) + 1                       # components to reach `var`
         keep = (torch.arange(ev.shape[1]) < n_comp[:, None]) & (ev > 1e-12 * ev[:, :1])
-        r = (x[i : i + chunk] - mu[:, 0]).double()
-        proj = torch.einsum("mkd,md->mk", xc, r)               # xc r
-        coef = torch.einsum("mkj,mk->mj", u, proj) ** 2 / ev.clamp_min(1e-30)
-        inside = (coef * keep).sum(1)
-        out.append(((r**2).sum(1) - inside).clamp_min(0).float() / x.shape[1])
+        r = x[i : i + chunk] - mu[:, 0]
+        proj = torch.bmm(xc, r.unsqueeze(-1)).double()         # xc r  [m, k, 1]
+        w = u @ ((u.transpose(1, 2) @ proj) * (keep / ev.clamp_min(1e-30)).unsqueeze(-1))
+        resid = r - torch.bmm(xc.transpose(1, 2), w.float()).squeeze(-1)
+        out.append((resid.double() ** 2).sum(1).float() / x.shape[1])
     return torch.cat(out)
 
 
@@ -174,7 +202,8 @@ class NaturalScorer:
     """
 
     def __init__(self, natural, *, k: int = 20, var: float = 0.95, max_samples: int = 5000,
-                 seed: int = 0, stats: tuple[Tensor, Tensor] | None = None):
+                 seed: int = 0, stats: tuple[Tensor, Tensor] | None = None,
+                 state: dict[str, Tensor] | None = None):
         nat = _as_2d(natural, "natural")
         need = 2 * (k + 1)
         if nat.shape[0] < need:
@@ -190,6 +219,12 @@ class NaturalScorer:
         fit_idx, held_idx = _split(nat.shape[0], seed + 1)
         self.fit_raw = nat[fit_idx]
         self.fit = self._z(self.fit_raw)
+        if state is not None:  # saved by `state_dict` (Reference.save): skip the fitting
+            self.location, self.precision = state["location"], state["precision"]
+            self.shrinkage = float(state["shrinkage"])
+            self.typical_norm = float(state["typical_norm"])
+            self.natural_scores = {m: state[f"natural_{m}"] for m in MEASURES}
+            return
         from sklearn.covariance import LedoitWolf
 
         lw = LedoitWolf().fit(self.fit.double().numpy())
@@ -202,6 +237,15 @@ class NaturalScorer:
         self.typical_norm = float(self.fit_raw.norm(dim=1).median().clamp_min(1e-12))
         held = self.scores(nat[held_idx])
         self.natural_scores = {m: torch.sort(v).values for m, v in held.items()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What `Reference.save` stores to rebuild this scorer without refitting (the fit set
+        itself is re-derived from the natural sample with the same seed)."""
+        out = {"location": self.location, "precision": self.precision,
+               "shrinkage": torch.tensor(self.shrinkage),
+               "typical_norm": torch.tensor(self.typical_norm)}
+        out.update({f"natural_{m}": v for m, v in self.natural_scores.items()})
+        return out
 
     def _z(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std

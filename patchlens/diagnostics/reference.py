@@ -104,12 +104,14 @@ class Reference:
         self.neurons: dict[int, dict[str, dict[str, Tensor]]] = neurons
         self.meta: dict[str, Any] = meta
         self._scorers: dict = {}
+        self._scorer_states: dict = {}   # (hook, cls, k, var) -> NaturalScorer.state_dict()
+        self._ot_baselines: dict = {}    # in-memory cache of natural-vs-natural Sinkhorn
 
     # ---- fitting --------------------------------------------------------------------------
     @classmethod
     def fit(cls, model, images_or_loader: Tensor | Iterable, sites: Sequence[Any] = ("resid_pre",),
             max_samples: int = 5000, batch_size: int = 64, progress: bool | None = None,
-            seed: int = 0) -> Reference:
+            seed: int = 0, scorers: bool = True) -> Reference:
         """Stream natural activations of ``model`` at ``sites``.
 
         Args:
@@ -119,6 +121,8 @@ class Reference:
                 `Site` objects or full hook names.
             max_samples: vectors kept per site and token class (uniform subsample).
             progress: tqdm bar (None: when there is more than one batch).
+            scorers: also fit the per-vector scorers of every site and class now (kept by
+                `save`/`load`), so that diagnosing a sweep does not pay for it.
         """
         from patchlens.patching.sites import Site
 
@@ -208,7 +212,13 @@ class Reference:
                 "max_samples": max_samples, "hooks": hooks, "n_prefix": layout.n_prefix,
                 "n_tokens": layout.n_tokens,
                 "counts": {h: {c: int(v[0]) for c, v in d.items()} for h, d in sums.items()}}
-        return cls(samples, stats, neurons, meta)
+        ref = cls(samples, stats, neurons, meta)
+        if scorers:
+            for h, d in samples.items():
+                for c in d:
+                    if d[c].shape[0] >= 42:
+                        ref.scorer(h, c)
+        return ref
 
     # ---- access ---------------------------------------------------------------------------
     @property
@@ -250,7 +260,9 @@ class Reference:
         key = (hook, cls, k, var)
         if key not in self._scorers:
             self._scorers[key] = NaturalScorer(self.natural(hook, cls), k=k, var=var,
-                                               stats=self.stats[hook][cls])
+                                               stats=self.stats[hook][cls],
+                                               state=self._scorer_states.get(key))
+            self._scorer_states[key] = self._scorers[key].state_dict()
         return self._scorers[key]
 
     def __repr__(self) -> str:
@@ -273,7 +285,11 @@ class Reference:
             for c, q in d.items():
                 for k, v in q.items():
                     tensors[f"neurons|{l}|{c}|{k}"] = v.contiguous()
-        save_file(tensors, str(path), metadata={"patchlens_reference": json.dumps(self.meta)})
+        for i, st in enumerate(self._scorer_states.values()):
+            for name, v in st.items():
+                tensors[f"scorer|{i}|{name}"] = v.contiguous()
+        meta = {**self.meta, "scorers": [[h, c, k, var] for h, c, k, var in self._scorer_states]}
+        save_file(tensors, str(path), metadata={"patchlens_reference": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
@@ -296,12 +312,21 @@ class Reference:
                     samples.setdefault(rest[0], {})[rest[1]] = t
                 elif kind in ("mean", "std"):
                     parts.setdefault((rest[0], rest[1]), {})[kind] = t
+                elif kind == "scorer":
+                    parts.setdefault(("scorer", int(rest[0])), {})[rest[1]] = t
                 elif kind == "neurons":
                     neurons.setdefault(int(rest[0]), {}).setdefault(rest[1], {})[rest[2]] = t
+        keys = [tuple(k) for k in meta.pop("scorers", [])]
+        states = {}
         for (h, c), d in parts.items():
-            stats.setdefault(h, {})[c] = (d["mean"], d["std"])
+            if h == "scorer":
+                states[keys[c]] = d
+            else:
+                stats.setdefault(h, {})[c] = (d["mean"], d["std"])
         samples = {h: samples[h] for h in meta["hooks"] if h in samples}
-        return cls(samples, stats, dict(sorted(neurons.items())), meta)
+        ref = cls(samples, stats, dict(sorted(neurons.items())), meta)
+        ref._scorer_states = states
+        return ref
 
 
 __all__ = ["Reference", "fingerprint"]

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patchlens.diagnostics.measures import MEASURES, ot_divergence
-from patchlens.diagnostics.reference import Reference, class_of, vectors
+from patchlens.diagnostics.measures import MEASURES, few_threads, ot_divergence
+from patchlens.diagnostics.reference import _NO_TOKEN_AXIS, Reference, vectors
 from patchlens.errors import InputError
 
 #: Verdict thresholds (see docs/divergence.md for how they were chosen).
@@ -41,7 +41,8 @@ THRESHOLDS: dict[str, float] = {
     # ... or if the Sinkhorn distance is this many times the natural-vs-natural baseline
     "ot_ratio": 1.5,
     # a neuron is dormant-activated above max + margin * (max - median) of its natural values
-    "dormant_margin": 0.1,
+    # (and above the unpatched target at the same position); see docs/divergence.md
+    "dormant_margin": 1.0,
 }
 VERDICTS = ("natural", "divergent-harmless", "divergent-pernicious")
 _AFTER_MLP = ("mlp.hook_post", "hook_mlp_out", "hook_resid_post")
@@ -175,15 +176,28 @@ class DivergenceReport:
 
 
 # ---- building the report --------------------------------------------------------------------
-def diagnose_sweep(model, target: Tensor, variants: Sequence, reference: Reference, result):
-    """The hook `activation_patching(..., diagnose=reference)` calls: `diagnose` with the
-    sweep's effects and layout taken from ``result`` (a `PatchResult`)."""
+def diagnose_sweep(model, target: Tensor, variants: Sequence, reference: Reference, result,
+                   collector: _Collector | None = None):
+    """The hook `activation_patching(..., diagnose=reference)` calls: the report with the
+    sweep's effects and layout taken from ``result`` (a `PatchResult`). With ``collector``
+    (a `sweep_collector` whose observers ran inside the sweep's own engine run) nothing is
+    re-run; without it the variants are run again by `diagnose`."""
     effects = result.values if result is not None else None
-    rep = diagnose(model, target, variants, reference, effects=effects)
+    if collector is not None:
+        rep = collector.report(effects=effects)
+    else:
+        rep = diagnose(model, target, variants, reference, effects=effects)
     if result is not None:
         rep.shape, rep.axes, rep.labels = tuple(result.values.shape), result.axes, result.labels
     _warn(rep)
     return rep
+
+
+def sweep_collector(model, target: Tensor, variants: Sequence, reference: Reference,
+                    **kwargs) -> _Collector:
+    """A collector for ``variants`` on ``target``: pass ``collector.observers`` to
+    `run_variants(..., observers=...)`, then call ``collector.report(effects)``."""
+    return _Collector(model, target, variants, reference, **kwargs)
 
 
 def _warn(rep: DivergenceReport) -> None:
@@ -194,202 +208,364 @@ def _warn(rep: DivergenceReport) -> None:
                       "result.divergence.", stacklevel=3)
 
 
+MAX_JACOBIAN_OUTPUTS = 16  # logits kept in the behavioural Jacobian (the largest on the target)
+
+
+class _Collector:
+    """Reduces a sweep's patched activations to per-variant statistics while the engine runs.
+
+    Setup (once): one forward and one backward pass of the unpatched target, repeated once per
+    output row, give the natural vectors at every site hook, the Jacobian of the logits (at most
+    `MAX_JACOBIAN_OUTPUTS`, the largest on the target) w.r.t. every site hook at once, and the
+    target's own MLP activations. During the run, the observers keep each variant's patched
+    vectors (at most ``max_vectors`` per variant and site, a fixed uniform subsample), its
+    null-space fraction and the downstream neurons beyond their natural range.
+    """
+
+    def __init__(self, model, target: Tensor, variants: Sequence, reference: Reference, *,
+                 behaviour: bool = True, ot: bool | str = "site", ot_samples: int = 256,
+                 max_vectors: int = 256, thresholds: dict[str, float] | None = None):
+        from patchlens.patching.engine import start_layer
+        from patchlens.patching.sites import options_for
+
+        self.th = {**THRESHOLDS, **(thresholds or {})}
+        reference.check_model(model)
+        model.check_images(target)
+        if len(variants) == 0:
+            raise InputError("No variants to diagnose.")
+        if ot not in (False, "site", "variant", True):
+            raise InputError(f"ot must be False, 'site' or 'variant'; got {ot!r}.")
+        self.model, self.ref, self.variants = model, reference, variants
+        self.behaviour, self.ot = behaviour, ("site" if ot is True else ot)
+        self.ot_samples, self.max_vectors = ot_samples, max_vectors
+        self.b = b = target.shape[0]
+        n_layers = model.cfg.n_layers
+        grid = (target.shape[-2] // model.cfg.patch_size[0],
+                target.shape[-1] // model.cfg.patch_size[1])
+        self.n_prefix = model.layout_for(tuple(target.shape[-2:])).n_prefix
+        self.resolved = [[rs for site, _ in v.pairs for rs in site.resolve(model, grid)]
+                         for v in variants]
+        hooks = sorted({rs.hook for rss in self.resolved for rs in rss})
+        for h in hooks:
+            reference.check_hook(h)
+            if h.endswith(("hook_pattern", "hook_attn_scores")):
+                vectors(torch.zeros(1, 1, 1), h)  # raises the explanation
+        self.hooks = hooks
+        self.down = [min((first_downstream_mlp(rs.hook, rs.layer, n_layers) for rs in rss),
+                         default=n_layers) for rss in self.resolved]
+        self.starts = [min((start_layer(model, rs) for rs in rss), default=n_layers)
+                       for rss in self.resolved]
+        self.mlp_layers = [l for l in range(n_layers) if l in reference.neurons
+                           and f"blocks.{l}.mlp.hook_post" in model.hook_dict]
+        by_hook: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for vi, rss in enumerate(self.resolved):
+            for si, rs in enumerate(rss):
+                by_hook[rs.hook].append((vi, si))
+        self.by_hook = by_hook
+
+        # ---- one forward + backward on the unpatched target ---------------------------------
+        mlp_names = [f"blocks.{l}.mlp.hook_post" for l in self.mlp_layers]
+        acts: dict[str, Tensor] = {}
+
+        def keep(act, hook):
+            acts[hook.name] = act
+            return act
+
+        with few_threads(1), model.options(**options_for(hooks)):
+            with torch.enable_grad(), model.hooks(fwd_hooks=[(h, keep)
+                                                             for h in hooks + mlp_names]):
+                if behaviour:
+                    with torch.no_grad():
+                        logits = model(target)
+                    n_out = logits.shape[-1]
+                    cls = (torch.arange(n_out) if n_out <= MAX_JACOBIAN_OUTPUTS else
+                           logits.float().mean(0).topk(MAX_JACOBIAN_OUTPUTS).indices)
+                    k = len(cls)
+                    x = target.detach().repeat(k, 1, 1, 1).requires_grad_(True)
+                    out = model(x)
+                    rows = torch.arange(k * b)
+                    loss = out[rows, cls.to(out.device).repeat_interleave(b)].sum()
+                    grads = torch.autograd.grad(loss, [acts[h] for h in hooks])
+                    # J[h]: [B, C, T, D]
+                    self.jac = {h: vectors(g.detach(), h).float().cpu().reshape(
+                        k, b, -1, vectors(g, h).shape[-1]).transpose(0, 1)
+                        for h, g in zip(hooks, grads)}
+                else:
+                    with torch.inference_mode():
+                        model(target)
+                    self.jac = {}
+        self.natural = {h: vectors(acts[h][:b].detach(), h).float().cpu() for h in hooks}
+        self.target_mlp = {l: acts[n][:b].detach().float() for l, n in zip(self.mlp_layers,
+                                                                          mlp_names)}
+        del acts
+        with few_threads(1):
+            self._prepare(reference)
+
+    def _prepare(self, reference: Reference) -> None:
+        # eigen-decomposition of J J^T per (image, token): the one-token case of null_fraction
+        self.eig = {}
+        for h, J in self.jac.items():
+            Jt = J.transpose(1, 2).double()                       # [B, T, C, D]
+            ev, u = torch.linalg.eigh(Jt @ Jt.transpose(-1, -2))
+            keep_ = ev > 1e-10 * ev.amax(-1, keepdim=True).clamp_min(1e-30)
+            self.eig[h] = (Jt, u, ev.clamp_min(1e-30), keep_)
+
+        # ---- dormant-pathway bounds ----------------------------------------------------------
+        m = self.th["dormant_margin"]
+        self.bounds: dict[int, dict[str, Tensor]] = {}
+        self.target_dormant: list[dict] = []
+        for l in self.mlp_layers:
+            self.bounds[l] = {}
+            for c, r in reference.neurons[l].items():
+                nmax, nmed = r["max"].float(), r["median"].float()
+                bound = nmax + m * (nmax - nmed).clamp_min(0) + 1e-6
+                self.bounds[l][c] = bound.to(self.target_mlp[l].device)
+                t = self.target_mlp[l][:, self._tok_slice(c)]
+                if t.shape[1]:
+                    for u in torch.nonzero(t.amax((0, 1)) > self.bounds[l][c]).flatten().tolist():
+                        self.target_dormant.append({"layer": l, "neuron": u, "class": c})
+
+        mlp_names = [f"blocks.{l}.mlp.hook_post" for l in self.mlp_layers]
+        self.vecs: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self.nullf: dict[tuple[int, int], float] = {}
+        self.shift: dict[tuple[int, int], float] = {}
+        self.dormant: list[list[dict]] = [[] for _ in self.variants]
+        self.observers = ([(h, self._observe_site) for h in self.hooks]
+                          + [(n, self._observe_mlp) for n in mlp_names])
+
+    def _tok_slice(self, cls: str) -> slice:
+        return slice(0, self.n_prefix) if cls == "prefix" else slice(self.n_prefix, None)
+
+    # ---- observers ---------------------------------------------------------------------------
+    def _observe_site(self, hook: str, act: Tensor, chunk: Tensor) -> None:
+        with few_threads(1):
+            self._observe_site_(hook, act, chunk)
+
+    def _observe_site_(self, hook: str, act: Tensor, chunk: Tensor) -> None:
+        b = self.b
+        if act.shape[0] != len(chunk) * b:
+            return
+        v = vectors(act, hook)
+        a4 = v.reshape(len(chunk), b, v.shape[1], v.shape[2])
+        nat = self.natural[hook]
+        in_chunk = {int(vi): j for j, vi in enumerate(chunk.tolist())}
+        single: list[tuple[int, int, int, int]] = []
+        for vi, si in self.by_hook[hook]:
+            j = in_chunk.get(vi)
+            if j is None:
+                continue
+            rs = self.resolved[vi][si]
+            toks = (torch.arange(v.shape[1]) if rs.tokens is None or v.shape[1] == 1
+                    else rs.tokens.cpu())
+            if len(toks) == 1:
+                single.append((vi, si, j, int(toks[0])))
+                continue
+            vec = a4[j][:, toks].float().cpu()                              # [B, k, D]
+            delta = vec - nat[:, toks]
+            self._store(hook, vi, si, vec, toks)
+            self.shift[(vi, si)] = float(delta.reshape(b, -1).norm(dim=1).mean())
+            if self.behaviour:
+                from patchlens.diagnostics.behaviour import null_fraction
+
+                J = self.jac[hook][:, :, toks].reshape(b, self.jac[hook].shape[1], -1)
+                dl = delta.reshape(b, -1)
+                energy = (dl**2).sum(1)
+                if float(energy.sum()) > 0:
+                    f = null_fraction(dl, J).nan_to_num(0.0)
+                    self.nullf[(vi, si)] = float((f * energy).sum() / energy.sum())
+        if single:  # one token per variant (layer x token sweeps): vectorised
+            js = torch.tensor([s[2] for s in single])
+            ts = torch.tensor([s[3] for s in single])
+            vec = a4[js, :, ts].float().cpu()                                # [n, B, D]
+            delta = vec - nat[:, ts].transpose(0, 1)
+            shift = delta.norm(dim=-1).mean(1)
+            nullf = torch.full((len(single),), float("nan"))
+            if self.behaviour:
+                Jt, u, ev, keep = self.eig[hook]
+                Jsel = Jt[:, ts].transpose(0, 1)                             # [n, B, C, D]
+                a = torch.einsum("nbcd,nbd->nbc", Jsel, delta.double())
+                c = torch.einsum("nbc,nbce->nbe", a, u[:, ts].transpose(0, 1))
+                inside = ((c**2 / ev[:, ts].transpose(0, 1)) * keep[:, ts].transpose(0, 1)).sum(-1)
+                energy = (delta.double() ** 2).sum(-1)                     # [n, B]
+                inside = torch.minimum(inside, energy)
+                tot = energy.sum(1)
+                nullf = torch.where(tot > 0, 1 - inside.sum(1) / tot.clamp_min(1e-30),
+                                    torch.full_like(tot, float("nan"))).float()
+            for i, (vi, si, _, t) in enumerate(single):
+                self._store(hook, vi, si, vec[i][:, None], torch.tensor([t]))
+                self.shift[(vi, si)] = float(shift[i])
+                if not math.isnan(float(nullf[i])):
+                    self.nullf[(vi, si)] = float(nullf[i])
+
+    def _store(self, hook: str, vi: int, si: int, vec: Tensor, toks: Tensor) -> None:
+        """Keep the patched vectors ``[B, k, D]`` by token class (subsampled)."""
+        out: dict[str, Tensor] = {}
+        if vec.shape[1] == 1 and "all" in self.ref.samples[hook] and toks.numel() == 1 \
+                and hook in _NO_TOKEN_AXIS:
+            out["all"] = vec[:, 0]
+        else:
+            cls = ["prefix" if t < self.n_prefix else "patches" for t in toks.tolist()]
+            for c in ("prefix", "patches"):
+                sel = [i for i, x in enumerate(cls) if x == c]
+                if sel:
+                    out[c] = vec[:, sel].reshape(-1, vec.shape[-1])
+        for c, pv in out.items():
+            if pv.shape[0] > self.max_vectors:
+                g = torch.Generator().manual_seed(vi * 1009 + si)
+                pv = pv[torch.randperm(pv.shape[0], generator=g)[: self.max_vectors]]
+            out[c] = pv
+        self.vecs[(vi, si)] = out
+
+    def _observe_mlp(self, hook: str, act: Tensor, chunk: Tensor) -> None:
+        with few_threads(1):
+            self._observe_mlp_(hook, act, chunk)
+
+    def _observe_mlp_(self, hook: str, act: Tensor, chunk: Tensor) -> None:
+        b = self.b
+        if act.shape[0] != len(chunk) * b:
+            return
+        layer = int(hook.split(".")[1])
+        a = act.reshape(len(chunk), b, act.shape[1], act.shape[-1])
+        tgt = self.target_mlp[layer]
+        for c, bound in self.bounds[layer].items():
+            sl = self._tok_slice(c)
+            ac = a[:, :, sl]
+            if ac.shape[2] == 0:
+                continue
+            mx = ac.amax((1, 2))                                            # [Vc, U]
+            cand = mx > bound
+            if not bool(cand.any()):
+                continue
+            units = torch.nonzero(cand.any(0)).flatten()
+            t = tgt[:, sl][..., units]
+            # beyond the natural bound AND beyond the unpatched target at the same position:
+            # the intervention, not the target image, drives the neuron there
+            thr = torch.maximum(bound[units], t + 1e-4 * (1 + t.abs()))
+            ex = (ac[..., units] - thr).amax((1, 2))                         # [Vc, u]
+            for j, ui in torch.nonzero(ex > 0).tolist():
+                vi = int(chunk[j])
+                if layer < self.down[vi]:
+                    continue
+                unit = int(units[ui])
+                r = self.ref.neurons[layer][c]
+                nmax, nmed = float(r["max"][unit]), float(r["median"][unit])
+                self.dormant[vi].append({
+                    "layer": layer, "neuron": unit, "class": c, "value": float(mx[j, unit]),
+                    "natural_max": nmax, "natural_median": nmed,
+                    "excess": (float(mx[j, unit]) - nmax) / max(nmax - nmed, 1e-6)})
+
+    # ---- the report --------------------------------------------------------------------------
+    def report(self, effects: Tensor | None = None) -> DivergenceReport:
+        with few_threads(1):  # small matrices: thread-pool overhead dominates otherwise
+            return self._report(effects)
+
+    def _report(self, effects: Tensor | None = None) -> DivergenceReport:
+        th, ref, variants = self.th, self.ref, self.variants
+        v_total = len(variants)
+        pools: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+        sizes: dict[tuple[str, str], int] = defaultdict(int)
+        rows: list[dict] = []
+        slices: list[tuple[int, tuple[str, str], int, int]] = []
+        for vi, rss in enumerate(self.resolved):
+            for si, rs in enumerate(rss):
+                for c, pv in self.vecs.get((vi, si), {}).items():
+                    key = (rs.hook, c)
+                    start = sizes[key]
+                    pools[key].append(pv)
+                    sizes[key] += pv.shape[0]
+                    slices.append((len(rows), key, start, sizes[key]))
+                    rows.append({"variant": vi, "label": variants[vi].label, "site": si,
+                                 "hook": rs.hook, "class": c, "n": pv.shape[0],
+                                 "null_fraction": self.nullf.get((vi, si), float("nan")),
+                                 "shift": self.shift.get((vi, si), float("nan"))})
+        pooled = {key: torch.cat(parts) for key, parts in pools.items()}
+        pct_by_key, norm_by_key = {}, {}
+        for key, allv in pooled.items():
+            scorer = ref.scorer(*key)
+            scores = scorer.scores(allv)
+            pct_by_key[key] = scorer.percentiles(scores)
+            norm_by_key[key] = scores["norm_ratio"]
+        ot_rows = []
+        if self.ot:
+            for key, allv in pooled.items():
+                ot_rows.append(self._ot(key, allv))
+
+        for lst in self.dormant:
+            lst.sort(key=lambda e: -e["excess"])
+        eff = None
+        if effects is not None:
+            eff = torch.as_tensor(effects).detach().float().cpu()
+            if eff.numel() != v_total:
+                raise InputError(f"effects has {eff.numel()} values for {v_total} variants.")
+        flat_eff = None if eff is None else eff.flatten()
+        for ri, key, s, e in slices:
+            r = rows[ri]
+            pct = {m: v[s:e] for m, v in pct_by_key[key].items()}
+            beyond = torch.stack([pct[m] for m in ("mahalanobis", "knn", "local_pca")]).amax(0)
+            for m in MEASURES:
+                r[f"{m}_pct"] = float(pct[m].mean())
+            r["norm_ratio"] = float(norm_by_key[key][s:e].mean())
+            r["outlier_rate"] = float((beyond >= th["outlier_pct"]).float().mean())
+            r["ot_ratio"] = float("nan")
+            if self.ot == "variant" and r["n"] >= 50:
+                r["ot_ratio"] = self._ot(key, pooled[key][s:e])["ratio"]
+            r["n_dormant"] = len(self.dormant[r["variant"]])
+            r["effect"] = float("nan") if flat_eff is None else float(flat_eff[r["variant"]])
+            divergent = r["outlier_rate"] > th["outlier_rate"] or (
+                not math.isnan(r["ot_ratio"]) and r["ot_ratio"] > th["ot_ratio"])
+            r["verdict"] = ("divergent-pernicious" if r["n_dormant"] else
+                            "divergent-harmless" if divergent else "natural")
+        rep = DivergenceReport(rows, ot_rows, self.dormant, th, effects=eff,
+                               meta={"labels": [v.label for v in variants], "n_images": self.b,
+                                     "target_dormant": self.target_dormant})
+        if eff is not None and eff.ndim > 1:
+            rep.shape = tuple(eff.shape)
+        return rep
+
+    def _ot(self, key: tuple[str, str], vecs: Tensor) -> dict:
+        """Sinkhorn ratio of ``vecs`` at a (hook, class); the natural-vs-natural baseline is
+        cached on the reference per sample size."""
+        nat = self.ref.natural(*key)
+        stats = self.ref.stats[key[0]][key[1]]
+        try:
+            r = ot_divergence(vecs, nat, max_samples=self.ot_samples, stats=stats,
+                              baseline_cache=self.ref._ot_baselines, cache_key=key)
+            return {"hook": key[0], "class": key[1], "distance": r.distance,
+                    "baseline": r.baseline, "ratio": r.ratio, "n": r.n_patched}
+        except InputError as e:
+            return {"hook": key[0], "class": key[1], "distance": float("nan"),
+                    "baseline": float("nan"), "ratio": float("nan"), "n": 0, "note": str(e)}
+
+
 def diagnose(model, target: Tensor, variants: Sequence, reference: Reference, *,
-             effects: Tensor | None = None, behaviour: bool = True, ot: bool = True,
-             ot_samples: int = 1000, memory_budget: str | int = "1GB",
+             effects: Tensor | None = None, behaviour: bool = True, ot: bool | str = "site",
+             ot_samples: int = 256, max_vectors: int = 256, memory_budget: str | int = "2GB",
              thresholds: dict[str, float] | None = None, warn: bool = False) -> DivergenceReport:
-    """Measure how divergent each variant's patched activations are.
+    """Measure how divergent each variant's patched activations are (one engine run).
 
     Args:
         target: the batch the variants patch ``[B, C, H, W]``.
         variants: `Variant` list (as given to `run_variants`).
         reference: a `Reference` fitted on this model at every hook the variants patch.
         effects: ``[V]`` (or the sweep's shape) effect per variant, for the warning and plot.
-        behaviour: compute the null-space fraction (one backward pass per class per site hook).
-        ot: Sinkhorn ratio per (site, token class) over all patched vectors there, and per
-            (variant, site) where it has at least 50 vectors; ``ot_samples`` caps the natural set.
-        memory_budget: activation memory per re-run chunk.
+        behaviour: the null-space fraction of each shift (Jacobian of the logits at the
+            unpatched target: one batched backward pass for all sites).
+        ot: ``"site"``: one Sinkhorn ratio per (site hook, token class) over all patched vectors
+            there; ``"variant"``: also one per (variant, site) with at least 50 vectors (used in
+            the verdict); False: none. ``ot_samples`` caps the natural set (two halves).
+        max_vectors: patched vectors kept per (variant, site) (uniform subsample).
+        memory_budget: activation memory per engine chunk.
     """
-    from patchlens.diagnostics.behaviour import null_fraction, site_jacobian
-    from patchlens.patching.engine import run_variants, start_layer, suggested_batch_rows
+    from patchlens.patching.engine import run_variants
 
-    th = {**THRESHOLDS, **(thresholds or {})}
-    reference.check_model(model)
-    model.check_images(target)
-    if len(variants) == 0:
-        raise InputError("No variants to diagnose.")
-    b = target.shape[0]
-    n_layers = model.cfg.n_layers
-    grid = (target.shape[-2] // model.cfg.patch_size[0], target.shape[-1] // model.cfg.patch_size[1])
-    n_prefix = model.layout_for(tuple(target.shape[-2:])).n_prefix
-    resolved = [[rs for site, _ in v.pairs for rs in site.resolve(model, grid)] for v in variants]
-    hooks = sorted({rs.hook for rss in resolved for rs in rss})
-    for h in hooks:
-        reference.check_hook(h)
-        if h.endswith(("hook_pattern", "hook_attn_scores")):
-            vectors(torch.zeros(1, 1, 1), h)  # raises the explanation
-    starts = [min((start_layer(model, rs) for rs in rss), default=n_layers) for rss in resolved]
-    down = [min((first_downstream_mlp(rs.hook, rs.layer, n_layers) for rs in rss),
-                default=n_layers) for rss in resolved]
-
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(target, names_filter=hooks, return_type=None)
-        natural = {h: vectors(cache[h], h).float() for h in hooks}
-    del cache
-    jac = {h: site_jacobian(model, target, h).float() for h in hooks} if behaviour else {}
-
-    mlp_layers = [l for l in range(n_layers) if l in reference.neurons
-                  and f"blocks.{l}.mlp.hook_post" in model.hook_dict]
-    v_total = len(variants)
-    neuron_max: dict[int, dict[str, Tensor]] = {}
-    pools: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
-    rows: list[dict] = []
-    row_slices: list[tuple[int, tuple[str, str], int, int]] = []
-    pool_sizes: dict[tuple[str, str], int] = defaultdict(int)
-
-    rows_per_pass = max(b, suggested_batch_rows(model, model.layout.n_tokens, memory_budget))
-    per_chunk = max(1, rows_per_pass // b)
-    order = sorted(range(v_total), key=lambda i: starts[i])
-    chunks: list[list[int]] = []
-    for i in order:
-        if chunks and starts[chunks[-1][0]] == starts[i] and len(chunks[-1]) < per_chunk:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-
-    for chunk in chunks:
-        idx = torch.tensor(chunk)
-
-        def reduce(act, hook, _idx=idx):
-            if act.shape[0] != len(_idx) * b:  # the engine's source / prefix runs
-                return
-            # the patched run comes last, so its maxima overwrite those of earlier runs
-            layer = int(hook.name.split(".")[1])
-            a = act.detach().float().reshape(len(_idx), b, act.shape[1], act.shape[-1])
-            for c, toks in (("prefix", slice(0, n_prefix)), ("patches", slice(n_prefix, None))):
-                if c not in reference.neurons[layer] or a[:, :, toks].shape[2] == 0:
-                    continue
-                mx = a[:, :, toks].amax((1, 2)).cpu()
-                store = neuron_max.setdefault(layer, {}).setdefault(
-                    c, torch.full((v_total, a.shape[-1]), -float("inf")))
-                store[_idx] = mx
-
-        chunk_hooks = sorted({rs.hook for i in chunk for rs in resolved[i]})
-        reducers = [(f"blocks.{l}.mlp.hook_post", reduce) for l in mlp_layers]
-        with torch.inference_mode(), model.hooks(fwd_hooks=reducers):
-            er = run_variants(model, target, [variants[i] for i in chunk], capture=chunk_hooks,
-                              batch_size=len(chunk) * b, progress=False, return_type="pooled")
-        for j, vi in enumerate(chunk):
-            for si, rs in enumerate(resolved[vi]):
-                vec = vectors(er.captured[rs.hook][j], rs.hook).float()   # [B, T, D]
-                nat = natural[rs.hook]
-                toks = (torch.arange(vec.shape[1]) if rs.tokens is None or vec.shape[1] == 1
-                        else rs.tokens)
-                delta = (vec[:, toks] - nat[:, toks]).reshape(b, -1)
-                nullf = float("nan")
-                if behaviour:
-                    J = jac[rs.hook][:, :, toks].reshape(b, jac[rs.hook].shape[1], -1)
-                    energy = (delta**2).sum(1)
-                    if float(energy.sum()) > 0:
-                        f = null_fraction(delta, J).nan_to_num(0.0)
-                        nullf = float((f * energy).sum() / energy.sum())
-                by_class: dict[str, list[int]] = defaultdict(list)
-                for t in toks.tolist():
-                    by_class["all" if vec.shape[1] == 1 and "all" in reference.samples[rs.hook]
-                             else class_of(t, n_prefix)].append(t)
-                for c, ts in by_class.items():
-                    pv = vec[:, ts].reshape(-1, vec.shape[-1])
-                    key = (rs.hook, c)
-                    start = pool_sizes[key]
-                    pools[key].append(pv)
-                    pool_sizes[key] += pv.shape[0]
-                    row_slices.append((len(rows), key, start, pool_sizes[key]))
-                    rows.append({"variant": vi, "label": variants[vi].label, "site": si,
-                                 "hook": rs.hook, "class": c, "n": pv.shape[0],
-                                 "null_fraction": nullf,
-                                 "shift": float(delta.norm(dim=1).mean())})
-        del er
-
-    # per-vector measures, scored per (hook, class) in one batch
-    pct_by_key: dict[tuple[str, str], dict[str, Tensor]] = {}
-    norm_by_key: dict[tuple[str, str], Tensor] = {}
-    for key, parts in pools.items():
-        reference.natural(*key)
-        scorer = reference.scorer(*key)
-        allv = torch.cat(parts)
-        scores = scorer.scores(allv)
-        pct_by_key[key] = scorer.percentiles(scores)
-        norm_by_key[key] = scores["norm_ratio"]
-    ot_rows = []
-    if ot:
-        for key, parts in pools.items():
-            nat = reference.natural(*key)
-            try:
-                r = ot_divergence(torch.cat(parts), nat, max_samples=ot_samples,
-                                  stats=reference.stats[key[0]][key[1]])
-                ot_rows.append({"hook": key[0], "class": key[1], "distance": r.distance,
-                                "baseline": r.baseline, "ratio": r.ratio, "n": r.n_patched})
-            except InputError as e:
-                ot_rows.append({"hook": key[0], "class": key[1], "distance": float("nan"),
-                                "baseline": float("nan"), "ratio": float("nan"), "n": 0,
-                                "note": str(e)})
-
-    # dormant pathways per variant
-    dormant: list[list[dict]] = [[] for _ in range(v_total)]
-    for layer, d in neuron_max.items():
-        for c, mx in d.items():
-            ref = reference.neurons[layer][c]
-            nmax, nmed = ref["max"], ref["median"]
-            spread = (nmax - nmed).clamp_min(0)
-            bound = nmax + th["dormant_margin"] * spread + 1e-6
-            over = mx > bound
-            for vi, unit in torch.nonzero(over).tolist():
-                if layer < down[vi]:
-                    continue
-                excess = float((mx[vi, unit] - nmax[unit]) / spread[unit].clamp_min(1e-6))
-                dormant[vi].append({"layer": layer, "neuron": unit, "class": c,
-                                    "value": float(mx[vi, unit]),
-                                    "natural_max": float(nmax[unit]),
-                                    "natural_median": float(nmed[unit]), "excess": excess})
-    for lst in dormant:
-        lst.sort(key=lambda e: -e["excess"])
-
-    eff = None
-    if effects is not None:
-        eff = torch.as_tensor(effects).detach().float().cpu()
-        if eff.numel() != v_total:
-            raise InputError(f"effects has {eff.numel()} values for {v_total} variants.")
-    flat_eff = None if eff is None else eff.flatten()
-    for ri, key, s, e in row_slices:
-        r = rows[ri]
-        pct = {m: v[s:e] for m, v in pct_by_key[key].items()}
-        beyond = torch.stack([pct[m] for m in ("mahalanobis", "knn", "local_pca")]).amax(0)
-        for m in MEASURES:
-            r[f"{m}_pct"] = float(pct[m].mean())
-        r["norm_ratio"] = float(norm_by_key[key][s:e].mean())
-        r["outlier_rate"] = float((beyond >= th["outlier_pct"]).float().mean())
-        r["ot_ratio"] = float("nan")
-        if ot and r["n"] >= 50:
-            nat = reference.natural(*key)
-            vec = torch.cat(pools[key])[s:e]
-            r["ot_ratio"] = ot_divergence(vec, nat, max_samples=ot_samples,
-                                          stats=reference.stats[key[0]][key[1]]).ratio
-        r["n_dormant"] = len(dormant[r["variant"]])
-        r["effect"] = float("nan") if flat_eff is None else float(flat_eff[r["variant"]])
-        divergent = r["outlier_rate"] > th["outlier_rate"] or (
-            not math.isnan(r["ot_ratio"]) and r["ot_ratio"] > th["ot_ratio"])
-        r["verdict"] = ("divergent-pernicious" if r["n_dormant"] else
-                        "divergent-harmless" if divergent else "natural")
-    rep = DivergenceReport(rows, ot_rows, dormant, th, effects=eff,
-                           meta={"labels": [v.label for v in variants], "n_images": b})
-    if eff is not None and eff.ndim > 1:
-        rep.shape = tuple(eff.shape)
+    col = _Collector(model, target, variants, reference, behaviour=behaviour, ot=ot,
+                     ot_samples=ot_samples, max_vectors=max_vectors, thresholds=thresholds)
+    run_variants(model, target, variants, observers=col.observers, memory_budget=memory_budget,
+                 progress=False, return_type="pooled")
+    rep = col.report(effects)
     if warn:
         _warn(rep)
     return rep
-
-
-
 
 
 def assess(patched, natural, *, downstream=None, thresholds: dict[str, float] | None = None,

@@ -95,6 +95,7 @@ def run_variants(
     prefix_reuse: bool = True,
     progress: bool | None = None,
     grad: bool = False,
+    observers: Sequence[tuple[str, Callable[[str, Tensor, Tensor], None]]] = (),
 ) -> EngineResult:
     """Run every variant on the target batch ``x`` ``[B, C, H, W]``.
 
@@ -107,6 +108,11 @@ def run_variants(
         prefix_reuse: start each variant at the first layer it touches.
         progress: tqdm bar (None: only when there is more than one chunk).
         grad: keep autograd on (for users who differentiate through patched runs).
+        observers: ``(hook_name, fn)`` pairs; ``fn(hook_name, act, variant_indices)`` is called
+            in every patched chunk with the activation at that hook after patching (``act``
+            ``[len(variant_indices) * B, ...]``, variant-major; read-only) and the sweep
+            indices of the chunk's variants. For statistics reduced inside the sweep's own run
+            (e.g. `patchlens.diagnostics`); not called on the source or prefix runs.
     """
     model.check_images(x)
     if len(variants) == 0:
@@ -117,6 +123,8 @@ def run_variants(
     n = model.cfg.n_layers
     capture = list(capture)
     model.check_hook_names(capture)
+    observers = list(observers)
+    model.check_hook_names([name for name, _ in observers])
 
     resolved: list[list[tuple[ResolvedSite, Site, Intervention]]] = []
     starts: list[int] = []
@@ -132,7 +140,8 @@ def run_variants(
         starts.append(min((start_layer(model, rs) for rs, _, _ in pairs), default=n)
                       if prefix_reuse else -1)
 
-    flags = options_for(sorted({rs.hook for pairs in resolved for rs, _, _ in pairs} | set(capture)))
+    flags = options_for(sorted({rs.hook for pairs in resolved for rs, _, _ in pairs}
+                               | set(capture) | {name for name, _ in observers}))
     ctx = torch.enable_grad() if grad else torch.inference_mode()
     with ctx, model.options(**flags):
         sources = _reference_activations(model, resolved, b, batch_size)
@@ -170,6 +179,8 @@ def run_variants(
                 ]
                 captured_sink: dict[str, Tensor] = {}
                 hooks = _build_hooks(model, entries, b, layout, sources, captured_sink, capture)
+                if observers:
+                    hooks += _observer_hooks(observers, torch.tensor(chunk))
                 if s < 0:
                     inp, kwargs = x.repeat(len(chunk), 1, 1, 1), {}
                 else:
@@ -291,6 +302,15 @@ def _build_hooks(model, entries: list[_Entry], b: int, layout, sources, sink, ca
             sink[_name] = act.detach().clone()
         hooks.append((name, keep))
     return hooks
+
+
+def _observer_hooks(observers, chunk: Tensor):
+    def make(fn):
+        def observe(act, hook):
+            fn(hook.name, act.detach(), chunk)
+        return observe
+
+    return [(name, make(fn)) for name, fn in observers]
 
 
 def _make_hook(plans, sources):

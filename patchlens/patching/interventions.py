@@ -101,6 +101,25 @@ class Interchange(Intervention):
         return f"Interchange({self.name})"
 
 
+class Stored(Intervention):
+    """Replace by activations the caller already has, ``acts[hook]`` ``[B or 1, ...]`` (batch
+    aligned with the target batch): an `Interchange` whose source run was done outside the
+    engine (e.g. batched with other work), so the engine runs no reference pass."""
+
+    def __init__(self, acts: dict[str, Tensor], name: str = "stored"):
+        self.acts, self.name = dict(acts), name
+
+    def values(self, act, where, source):
+        a = self.acts.get(where.hook)
+        if a is None:
+            raise InputError(f"{self!r} holds no activation for {where.hook}; it holds "
+                             f"{', '.join(sorted(self.acts))}.")
+        return where.take_source(a).to(act.dtype)
+
+    def __repr__(self) -> str:
+        return f"Stored({self.name})"
+
+
 class Zero(Intervention):
     """Set the activation to zero (zero-ablation)."""
 

@@ -117,9 +117,15 @@ def activation_patching(
                     f"activation patching ({direction})")
     variants = recipe.variants(**axes)
     # every variant has one pair; fix the site fields that do not vary
+    collector = None
+    if diagnose is not None and method == "exact":  # reduced inside the sweep's own run
+        from patchlens.diagnostics.report import sweep_collector
+
+        collector = sweep_collector(model, target, variants, diagnose)
     if method == "exact":
         res = run_variants(model, target, variants, metric=metric, batch_size=batch_size,
-                           memory_budget=memory_budget, progress=progress)
+                           memory_budget=memory_budget, progress=progress,
+                           observers=collector.observers if collector is not None else ())
         per_variant = res.outputs  # [V, B]
     else:
         per_variant = None
@@ -144,7 +150,8 @@ def activation_patching(
     if diagnose is not None:
         from patchlens.diagnostics.report import diagnose_sweep
 
-        result.divergence = diagnose_sweep(model, target, variants, diagnose, result)
+        result.divergence = diagnose_sweep(model, target, variants, diagnose, result,
+                                           collector=collector)
     return result
 
 
