@@ -79,10 +79,11 @@ def hooks(model: str = typer.Argument("clutter-digits-vit", help="zoo, timm or H
 
     table = Table(title=f"hook points of {model}")
     for col in ("name", "shape", "axes"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for row in m.hook_table():
         table.add_row(row["name"], row["shape"], row["axes"])
-    Console().print(table)
+    console = Console()
+    console.print(table, width=max(console.width, 110))
 
 
 @app.command()
