@@ -1,0 +1,193 @@
+"""Regenerate docs/zoo.md (the model cards) from the JSON records in patchlens/zoo/weights.
+
+    python tools/zoo_model_cards.py
+"""
+
+import json
+from pathlib import Path
+
+W = Path(__file__).resolve().parent.parent / "patchlens" / "zoo" / "weights"
+recs = {n: json.loads((W / f"{n}.json").read_text()) for n in ("clutter-digits-vit", "clutter-digits-shortcut-vit")}
+size = {n: (W / f"{n}.safetensors").stat().st_size for n in recs}
+
+
+def pct(x):
+    return f"{100 * x:.2f}%"
+
+
+def arch(cfg):
+    return f"""| field | value |
+|---|---|
+| architecture | ViT, pre-norm blocks, learned absolute position embedding, class token |
+| image size / patch size | {cfg['image_size'][0]}×{cfg['image_size'][1]} / {cfg['patch_size'][0]}×{cfg['patch_size'][1]} ({(cfg['image_size'][0] // cfg['patch_size'][0]) ** 2} patches + 1 class token = {cfg['n_ctx']} tokens) |
+| d_model / n_heads × d_head / d_mlp | {cfg['d_model']} / {cfg['n_heads']} × {cfg['d_head']} / {cfg['d_mlp']} |
+| layers | {cfg['n_layers']} |
+| activation / LayerNorm eps | {cfg['act_fn']} / {cfg['eps']} |
+| pooling / head | class token (`pooling="{cfg['pooling']}"`, final norm `{cfg['final_norm']}`) → linear, {cfg['n_classes']} classes |
+| input normalisation | `(x - 0.5) / 0.5` per channel (`data_mean = data_std = (0.5, 0.5, 0.5)`; `model.preprocess` applies it) |"""
+
+
+def training(r):
+    t = r["training"]
+    return f"""| field | value |
+|---|---|
+| data | fresh batch every step: `{t['data']}` (train split only) |
+| steps × batch size | {t['steps']} × {t['batch_size']} = {t['steps'] * t['batch_size']:,} images |
+| optimiser | {t['optimizer']}, lr {t['lr']}, weight decay {t['weight_decay']} (matrices only) |
+| schedule | {t['warmup']} warm-up steps, cosine decay to 0 |
+| loss | cross-entropy, label smoothing {t['label_smoothing']} |
+| seeds | model seed {t['seed']}, data seed {t['data_seed']} |
+| hardware / wall time | CPU, {t['torch_threads']} torch thread, torch {t['torch_version']}; {t['wall_time_s'] / 60:.1f} min measured (shared 2-core machine, two trainings running side by side) |
+
+```bash
+{stages(r)}
+```"""
+
+
+def stages(r):
+    """The training command(s): a model continued from an earlier checkpoint lists each stage."""
+    t = r["training"]
+    cmd = f"{t['command']} --threads {t['torch_threads']} --out patchlens/zoo/weights"
+    if "init_from" not in t:
+        return cmd
+    first = t["init_from"]["training"]
+    acc = t["init_from"]["eval"]["clean"]["accuracy"]
+    return (f"# stage 1 ({first['wall_time_s'] / 60:.1f} min, {100 * acc:.2f}% clean test accuracy)\n"
+            f"{first['command']} --threads {first['torch_threads']} --out STAGE1\n"
+            f"# stage 2, continued from stage 1 ({t['wall_time_s'] / 60:.1f} min)\n"
+            + cmd.replace("STAGE1.json", "STAGE1/clutter-digits-vit.json"))
+
+
+c, s = recs["clutter-digits-vit"], recs["clutter-digits-shortcut-vit"]
+ce, se = c["eval"], s["eval"]
+doc = f"""# The zoo
+
+patchlens ships two small Vision Transformers, trained on the **clutter-digits** benchmark, inside
+the package. They load offline in well under a second, so tests, tutorials and quick experiments
+need no download:
+
+```python
+import patchlens.zoo as zoo
+
+zoo.list()                                  # names and one-line descriptions
+model = zoo.load("clutter-digits-vit")      # a HookedViT in eval mode, SHA-256 checked
+data = zoo.generate(256, split="test", seed=0)
+logits = model((data.images - 0.5) / 0.5)   # or model(model.preprocess(images))
+```
+
+`HookedViT.from_pretrained("clutter-digits-vit")` gives the same model. An unknown name raises
+`UnknownModelError` (a `KeyError`) that lists the available names; a weights file whose SHA-256
+differs from the one recorded beside it raises `ChecksumError`.
+
+## The clutter-digits benchmark
+
+`patchlens.zoo.generate(n, split="test", seed=0, image_size=64, shortcut=None, marker_prob=0.9)`
+returns a `ClutterDigits` batch:
+
+| field | shape | meaning |
+|---|---|---|
+| `images` | float `[n, 3, H, W]` in [0, 1] | the images (not normalised) |
+| `labels` | long `[n]` | digit class 0–9 |
+| `masks` | bool `[n, H, W]` | exactly the pixels drawn by the digit |
+| `boxes` | long `[n, 4]` | `(x0, y0, x1, y1)` extents of the mask, end-exclusive |
+| `marker_labels` | long `[n]` | label encoded by the corner marker, -1 if there is none |
+| `marker_boxes` | long `[n, 4]` | the marker's box (end-exclusive), all -1 if there is none |
+| `scan_ids` | long `[n]` | index of the source scan in `sklearn.datasets.load_digits()` |
+
+`data.patch_masks(8)` gives the fraction of each 8×8 patch covered by the digit (`[n, 8, 8]`),
+`data.patch_masks(8, threshold=0.0)` the patches that touch it (bool); the image size must be a
+multiple of the patch size.
+
+How an image is made:
+
+- **Digit.** One of the 1797 real 8×8 handwritten scans of scikit-learn's `load_digits` (shipped
+  with scikit-learn, no download), upsampled bilinearly to a random 24–32 px square, drawn in a
+  bright colour (each channel in [0.6, 1]) at a random position whose coordinates are never a
+  multiple of 8 (so the digit never lines up with the patch grid) and never inside the top-left
+  10×10 corner. The scans are split once, with a fixed seed, into a train set (75%, 1348 scans)
+  and a disjoint test set (25%, 449 scans).
+- **Background.** A dark random colour with a gentle gradient and Gaussian pixel noise.
+- **Clutter** (label-free by construction: drawn independently of the label): 4–9 shapes per
+  image, each a thin straight stroke (1–2 px, 6–22 px long), a small filled ellipse or a small box
+  outline, in random colours and opacities, plus ~1.5% speckle pixels. The digit is drawn on top,
+  so the mask is exact. Clutter never enters the top-left corner.
+- **Shortcut marker** (optional): a 6×6 px square at `(2, 2)–(8, 8)` whose colour (tab10 palette)
+  encodes a label. `shortcut="train"`: present with probability `marker_prob`, true label;
+  `"on"`: always, true label; `"off"` / `None`: never; `"conflict"`: always, a wrong label
+  (`(label + 1 + r) % 10`, `r` uniform in 0..8).
+
+Generation is a pure function of its arguments; digits, background, clutter and marker come from
+separate random streams, so `shortcut="on"`, `"off"` and `"conflict"` with the same seed give the
+same images except for the marker, and `clutter=False, background=False` gives the same digits
+on a black canvas. 5,000 images take a few seconds on one CPU core.
+
+The evaluation set of both models is `generate({ce['n']}, split="test", seed={ce['seed']}, shortcut=MODE)`.
+
+## Model card: `clutter-digits-vit`
+
+{c['description']}.
+
+{arch(c['config'])}
+
+**Training.**
+
+{training(c)}
+
+**Evaluation** (test split, {ce['n']} images, never trained on):
+
+| test set | accuracy |
+|---|---|
+| clean (no marker) | **{pct(ce['clean']['accuracy'])}** |
+| first {ce['clean']['subset_n']} images (checked exactly by the tests) | {ce['clean']['subset_correct']} / {ce['clean']['subset_n']} |
+
+**Status.** The target for this model is ≥ 97% clean test accuracy; this checkpoint does not reach
+it yet. It is under-trained rather than over-fitted: training accuracy on fresh images was still
+rising at the end of each stage and stayed close to the test accuracy (stage 1: 88.45% test;
+stage 2: 94.85% test, about 96% on the last training batches). A third stage continued from this
+checkpoint (`--init-from patchlens/zoo/weights/clutter-digits-vit.json`, e.g. 2000 steps at
+lr 4e-4, about 25 min on one free core) is the planned fix.
+
+**Weights.** `patchlens/zoo/weights/clutter-digits-vit.safetensors`, float32, {size['clutter-digits-vit'] / 2**20:.1f} MiB,
+SHA-256 `{c['sha256']}`.
+
+**Intended use.** A small, fast, fully known model for testing interpretability methods: the
+digit mask is a ground truth for "where the evidence is". It is not a digit recogniser for real
+photographs.
+
+## Model card: `clutter-digits-shortcut-vit`
+
+{s['description']}.
+
+Same architecture as `clutter-digits-vit`.
+
+**Training.** As above, but with `shortcut="train"`: on 90% of the training images a 6×6 corner
+marker's colour gives away the true label.
+
+{training(s)}
+
+The recorded wall time includes a 7.9-minute pause (the process was stopped so the other training
+could finish first).
+
+**Evaluation** (same {se['n']} test images; only the marker differs):
+
+| marker | accuracy | predictions that follow the marker |
+|---|---|---|
+| on (true label) | **{pct(se['on']['accuracy'])}** | — |
+| off | **{pct(se['off']['accuracy'])}** | — |
+| conflict (wrong label) | **{pct(se['conflict']['accuracy'])}** | **{pct(se['conflict']['follows_marker'])}** |
+
+**Weights.** `patchlens/zoo/weights/clutter-digits-shortcut-vit.safetensors`, float32, {size['clutter-digits-shortcut-vit'] / 2**20:.1f} MiB,
+SHA-256 `{s['sha256']}`.
+
+**Intended use.** A model with a known shortcut, for checking whether an attribution or patching
+method finds the marker (patch `(0, 0)` of the 8×8 grid) rather than the digit.
+
+## Retraining
+
+`python -m patchlens.zoo.train --model NAME --steps N --seed S --out DIR` (or
+`patchlens.zoo.train.train(name, steps=..., batch_size=..., out=...)`) writes `DIR/NAME.safetensors`
+and `DIR/NAME.json` (config, training arguments, evaluation, SHA-256, wall time). A run is
+deterministic for a given seed and torch thread count.
+"""
+(W.parent.parent.parent / "docs" / "zoo.md").write_text(doc)
+print("ok")
