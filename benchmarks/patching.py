@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tokens", type=int, default=None, help="limit the token axis (quick runs)")
     ap.add_argument("--budget", default="2GB")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     src = timm.create_model(args.model, pretrained=False).eval()
     model = pl.HookedViT.from_timm(src).to(args.device)

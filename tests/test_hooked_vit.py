@@ -423,3 +423,32 @@ def test_float64_weights_are_not_rounded():
     model = HookedViT.from_timm(src)
     assert model.embed.proj.weight.dtype == torch.float64
     assert torch.equal(model.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight)
+
+
+def test_editing_the_layernorm_scale_takes_effect():
+    src = timm_vit().double()
+    model = HookedViT.from_timm(src)
+    x = _images(src, n=2, dtype=torch.float64)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(x, names_filter="blocks.1.hook_resid_mid")
+        resid = cache["blocks.1.hook_resid_mid"]
+        ln = model.blocks[1].ln2
+        centred = resid - resid.mean(-1, keepdim=True)
+        scale = (centred.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
+        expected = centred / (2 * scale) * ln.w + ln.b
+        seen = {}
+
+        def double(a, hook):
+            return a * 2
+
+        def keep(a, hook):
+            seen["out"] = a.clone()
+            return a
+
+        model.run_with_hooks(x, fwd_hooks=[("blocks.1.ln2.hook_scale", double),
+                                           ("blocks.1.ln2.hook_normalized", keep)])
+    assert (seen["out"] - expected).abs().max() < 1e-12
+    # and with autograd on, the differentiable path gives the same numbers
+    out_grad = model(x.clone().requires_grad_(True))
+    with torch.no_grad():
+        assert torch.allclose(out_grad, model(x), atol=1e-12)

@@ -56,13 +56,17 @@ class LayerNorm(nn.Module):
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if not is_hooked(self.hook_scale, self.hook_normalized):
             return F.layer_norm(x, (self.d,), self.w, self.b, self.eps)
-        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-        scale = (var + self.eps).sqrt()
+        if torch.is_grad_enabled() and (x.requires_grad or self.w.requires_grad):
+            # differentiable path: gradients flow through the scale too (TransformerLens math)
+            x = x - x.mean(-1, keepdim=True)
+            scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+            return self.hook_normalized(x / scale * self.w + self.b)
+        # inference: one fused kernel gives the output, the mean and 1 / scale
+        out, mean, rstd = torch.native_layer_norm(x, (self.d,), self.w, self.b, self.eps)
+        scale = 1.0 / rstd
         kept = scale.clone()
         new_scale = self.hook_scale(scale)
-        if torch.equal(new_scale, kept):  # the hooks only read the scale: fused kernel
-            out = F.layer_norm(x, (self.d,), self.w, self.b, self.eps)
-        else:
+        if not torch.equal(new_scale, kept):  # a hook edited the scale: apply it
             out = (x - mean) / new_scale * self.w + self.b
         return self.hook_normalized(out)
 
