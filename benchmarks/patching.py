@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, sync  # noqa: E402
 
 import patchlens as pl  # noqa: E402
-from patchlens.patching.engine import bytes_per_row, parse_bytes  # noqa: E402
+from patchlens.patching.engine import CPU_MAX_ROWS, bytes_per_row, parse_bytes  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metric = pl.metrics.logit_diff(0, 1)
     n_var = n_layers * len(tokens)
     rows = max(1, parse_bytes(args.budget) // bytes_per_row(model, n_tok, False))
+    if args.device == "cpu":
+        rows = min(rows, CPU_MAX_ROWS)
 
-    chunk = min(rows, len(tokens))  # the engine batches one layer group (all tokens) at a time
+    chunk = min(rows, len(tokens))  # the engine's rows per forward pass
     with torch.inference_mode():
         xb = clean.repeat(chunk, 1, 1, 1)
         model(xb)  # warm-up

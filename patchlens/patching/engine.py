@@ -21,6 +21,7 @@ from patchlens.patching.interventions import Custom, Gather, Intervention, as_in
 from patchlens.patching.sites import ResolvedSite, Site, options_for
 
 Metric = Callable[[Tensor], Tensor]
+CPU_MAX_ROWS = 64  # see benchmarks/patching.py and docs/performance.md
 _POST_BLOCK_HOOKS = ("hook_pooled", "hook_pooled_dist", "hook_logits", "ln_final.hook_scale",
                      "ln_final.hook_normalized")
 
@@ -104,7 +105,8 @@ def run_variants(
         return_type: passed to the model (``"logits"``, ``"pooled"``).
         capture: hook names whose (patched) activations are returned per variant.
         batch_size: rows per forward pass (variants x images); overrides ``memory_budget``.
-        memory_budget: bound on activation memory per forward pass (estimate).
+        memory_budget: bound on activation memory per forward pass (estimate); on CPU chunks
+            are also capped at ``CPU_MAX_ROWS`` rows, which measured faster per row.
         prefix_reuse: start each variant at the first layer it touches.
         progress: tqdm bar (None: only when there is more than one chunk).
         grad: keep autograd on (for users who differentiate through patched runs).
@@ -152,6 +154,8 @@ def run_variants(
         if batch_size is None:
             budget = parse_bytes(memory_budget or "2GB")
             rows = max(b, budget // max(1, bytes_per_row(model, layout.n_tokens, explicit)))
+            if x.device.type == "cpu":  # measured: chunks beyond ~64 rows run slower per row on CPU
+                rows = max(b, min(rows, CPU_MAX_ROWS))
         else:
             if batch_size < 1:
                 raise InputError(f"batch_size must be >= 1, got {batch_size}.")
