@@ -1,0 +1,44 @@
+# %% [markdown]
+# # 08 · Dataset-scale runs: sharded, resumable sweeps
+#
+# `patchlens.run.dataset` maps a recipe over a dataset and writes the results to disk shard by
+# shard; a re-run skips the shards that are finished. The same call runs under `accelerate
+# launch` / `torchrun` on several processes or machines (see docs/scaling.md). Here: one
+# process, CAAP maps for 24 clutter-digits images in shards of 8.
+
+# %%
+import tempfile
+from pathlib import Path
+
+import torch
+
+import patchlens as pl
+from patchlens import run
+from patchlens.zoo.clutter_digits import generate
+
+model = pl.HookedViT.from_pretrained("clutter-digits-vit")
+data = generate(24, split="test", seed=5)
+images = model.preprocess(data.images)
+out = Path(tempfile.mkdtemp()) / "caap"
+recipe = run.values(pl.caap, layers=(2, 6), progress=False)
+summary = run.dataset(recipe, images, out, model=model, batch_size=8, shard_size=8,
+                      progress=False)
+summary
+
+# %%
+print(sorted(p.name for p in (out / "shards").iterdir()))
+maps = run.load_results(out)["values"]
+print("maps:", tuple(maps.shape))
+
+# %% [markdown]
+# A re-run computes nothing: every shard is there and its checksum matches. Delete one shard
+# (or truncate it) and only that shard is recomputed, with identical results.
+
+# %%
+again = run.dataset(recipe, images, out, model=model, batch_size=8, shard_size=8, progress=False)
+
+(out / "shards" / "000001.safetensors").write_bytes(b"truncated")
+repaired = run.dataset(recipe, images, out, model=model, batch_size=8, shard_size=8,
+                       progress=False)
+
+print("identical after repair:", torch.equal(run.load_results(out)["values"], maps))
