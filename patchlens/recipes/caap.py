@@ -31,7 +31,7 @@ CONTEXTS = ("blur", "mean", "zeros", "noise", "mean_activation")
 SCORES = ("logit", "probability", "log_probability", "logit_diff")
 #: default layer window as fractions of the depth: (start, end) = (round(a * n), round(b * n)),
 #: chosen by the ablation in docs/benchmarks.md.
-DEFAULT_WINDOW = (0.0, 1.0)
+DEFAULT_WINDOW = (0.0, 1.0)  # the whole depth: see docs/caap.md, the ablation
 
 
 def default_layers(n_layers: int) -> tuple[int, int]:
@@ -64,7 +64,8 @@ def caap(
         images: normalised model inputs ``[batch, chan, H, W]`` (``model.preprocess``).
         target: explained class: None (the prediction on the image), an int, or ``[batch]``.
         layers: window ``(start, end)``, patched at layers ``start <= l < end``
-            (default `default_layers`: ``(0, n)``, the best window of the ablation).
+            (default `default_layers`: ``(0, n)``, chosen by the ablation and the shortcut
+            benchmark in docs/benchmarks.md).
         context: the neutral run the patches are written into: ``"blur"`` (Gaussian blur of
             the image in pixel space, re-normalised), ``"mean"`` (the data mean colour = zeros
             in normalised space), ``"zeros"`` (a black image), ``"noise"`` (seeded standard
