@@ -417,8 +417,8 @@ class _Collector:
         self.vecs[(vi, si)] = out
 
     def _observe_mlp(self, hook: str, act: Tensor, chunk: Tensor) -> None:
-        with few_threads(1):
-            self._observe_mlp_(hook, act, chunk)
+        # large reductions: keep torch's thread pool (measured faster than one thread here)
+        self._observe_mlp_(hook, act, chunk)
 
     def _observe_mlp_(self, hook: str, act: Tensor, chunk: Tensor) -> None:
         b = self.b
