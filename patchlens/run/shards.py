@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from patchlens.errors import InputError, PatchlensError
+from patchlens.files import sha256_file
 
 FORMAT = "patchlens-run/1"
 MANIFEST = "run.json"
@@ -77,12 +78,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def remove_temp_files(out_dir: str | Path) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 
 from patchlens.errors import PatchlensError, UnknownModelError, close_matches
+from patchlens.files import sha256_file
 
 __all__ = [
     "WEIGHTS_DIR",
@@ -93,11 +93,7 @@ def list_models() -> ZooList:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def load_from(

@@ -11,7 +11,6 @@ mean = std = 0.5 per channel, which is what the saved config's ``data_mean`` / `
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from patchlens.files import sha256_file  # noqa: F401  (re-exported)
 from patchlens.zoo.clutter_digits import generate
 
 __all__ = ["MODELS", "evaluate", "make_config", "sha256_file", "train"]
@@ -69,15 +69,6 @@ def make_config(name: str):
         data_crop_pct=1.0,
         source=f"patchlens.zoo:{name}",
     )
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
