@@ -28,6 +28,7 @@ from patchlens.patching.sites import (
     resolve_layers,
     resolve_tokens,
 )
+from patchlens.recipes.common import check_pair, metric_values
 
 Per = Literal["token", "head", "head_token", "layer", "region"]
 
@@ -71,7 +72,7 @@ def activation_patching(
     Returns:
         `PatchResult` with ``values [*axes]`` (mean over the pairs) and ``per_example``.
     """
-    _check_pair(model, clean, corrupted)
+    check_pair(model, clean, corrupted)
     if direction not in ("denoising", "noising"):
         raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     if method not in ("exact", "attribution"):
@@ -84,8 +85,8 @@ def activation_patching(
     n_layers = model.cfg.n_layers
 
     with torch.inference_mode():
-        m_clean = _metric_values(metric, model(clean), clean.shape[0])
-        m_corrupted = _metric_values(metric, model(corrupted), clean.shape[0])
+        m_clean = metric_values(metric, model(clean), clean.shape[0])
+        m_corrupted = metric_values(metric, model(corrupted), clean.shape[0])
 
     layer_list = resolve_layers(layers, n_layers)
     axes: dict[str, list] = {"layers": layer_list}
@@ -153,26 +154,6 @@ def activation_patching(
         result.divergence = diagnose_sweep(model, target, variants, diagnose, result,
                                            collector=collector)
     return result
-
-
-def _check_pair(model, clean: Tensor, corrupted: Tensor) -> None:
-    model.check_images(clean)
-    model.check_images(corrupted)
-    if clean.shape != corrupted.shape:
-        raise InputError(
-            f"clean and corrupted must have the same shape, got {tuple(clean.shape)} and "
-            f"{tuple(corrupted.shape)}; pass aligned pairs (or one corrupted image repeated)."
-        )
-
-
-def _metric_values(metric, logits: Tensor, b: int) -> Tensor:
-    values = metric(logits)
-    if not isinstance(values, Tensor) or values.shape != (b,):
-        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise InputError(f"The metric must return one value per image, shape ({b},); got {got}.")
-    if not torch.isfinite(values).all():
-        raise InputError(f"The metric is not finite on the unpatched runs: {values.tolist()}.")
-    return values.detach()
 
 
 def _attribution(model, target: Tensor, source: Tensor, metric, variants) -> Tensor:

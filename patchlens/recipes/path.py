@@ -24,6 +24,7 @@ from patchlens.patching.engine import Variant, run_variants
 from patchlens.patching.interventions import Interchange, PerVariant
 from patchlens.patching.results import PatchResult
 from patchlens.patching.sites import Site
+from patchlens.recipes.common import check_pair, metric_values
 
 SENDER_KINDS = ("z", "attn_out", "mlp_out", "embed")
 RECEIVER_KINDS = ("q", "k", "v", "mlp_in", "resid_final")
@@ -137,9 +138,7 @@ def path_patching(
     Returns:
         `PatchResult` of effects ``m_patched - m_unpatched`` (the run's own baseline).
     """
-    from patchlens.recipes.activation import _check_pair, _metric_values
-
-    _check_pair(model, clean, corrupted)
+    check_pair(model, clean, corrupted)
     senders = [senders] if isinstance(senders, Node) else list(senders)
     receivers = [receivers] if isinstance(receivers, Node) else list(receivers)
     if not senders or not receivers:
@@ -157,8 +156,8 @@ def path_patching(
     target, other = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     n = model.cfg.n_layers
     with torch.inference_mode():
-        m_clean = _metric_values(metric, model(clean), clean.shape[0])
-        m_corrupted = _metric_values(metric, model(corrupted), clean.shape[0])
+        m_clean = metric_values(metric, model(clean), clean.shape[0])
+        m_corrupted = metric_values(metric, model(corrupted), clean.shape[0])
     m_base = m_clean if direction == "noising" else m_corrupted
     freeze_target = Interchange(target, "frozen")
     from_other = Interchange(other, "corrupted" if direction == "noising" else "clean")
