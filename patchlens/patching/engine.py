@@ -21,6 +21,7 @@ from patchlens.patching.interventions import Custom, Gather, Intervention, as_in
 from patchlens.patching.sites import ResolvedSite, Site, options_for
 
 Metric = Callable[[Tensor], Tensor]
+_LAYER_OF = re.compile(r"blocks\.(\d+)\.")
 CPU_MAX_ROWS = 64  # see benchmarks/patching.py and docs/performance.md
 _POST_BLOCK_HOOKS = ("hook_pooled", "hook_pooled_dist", "hook_logits", "ln_final.hook_scale",
                      "ln_final.hook_normalized")
@@ -246,10 +247,14 @@ def _reference_activations(model, resolved, target_batch: int, batch_size: int |
         ref = iv.reference
         model.check_images(ref)
         step = batch_size or 64
+        # stop after the last block whose hooks are needed (no head or later blocks)
+        matches = [_LAYER_OF.match(h) for h in hooks]
+        last = max(int(m.group(1)) for m in matches) if all(matches) else model.cfg.n_layers
+        stop = last + 1 if last + 1 < model.cfg.n_layers else None
         parts: dict[str, list[Tensor]] = defaultdict(list)
         for i in range(0, ref.shape[0], step):
             _, cache = model.run_with_cache(ref[i : i + step], names_filter=sorted(hooks),
-                                            return_type=None)
+                                            return_type=None, stop_at_layer=stop)
             for h in hooks:
                 parts[h].append(cache[h])
         acts = {h: torch.cat(p) for h, p in parts.items()}
