@@ -232,3 +232,51 @@ def test_zoo_random_steering_is_divergent(zoo):
     rep = diagnose(model, held[:4], v, ref, ot=False)
     assert rep.variant_verdicts()[0].startswith("divergent")
     assert rep.rows[0]["outlier_rate"] > 0.9
+
+
+def test_zoo_dormant_neurons_match_naive_loop(zoo):
+    """The streamed dormant scan (per-chunk maxima in the engine's observers) lists exactly the
+    neurons a naive per-variant `run_with_hooks` loop finds beyond max(bound, target)."""
+    from patchlens.diagnostics import diagnose
+    from patchlens.patching import Add, Scale, Site, Variant
+
+    model, ref, held = zoo
+    x = held[:3]
+    steer = 6 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    v = [Variant([(Site("resid_pre", layers=l, tokens=t), Scale(s))], (l, t, s))
+         for l in (1, 3) for t in (0, 20, "patches") for s in (1.0, 8.0)]
+    v.append(Variant([(Site("resid_pre", layers=1, tokens="patches"), Add(steer))], "steer"))
+    rep = diagnose(model, x, v, ref, ot=False, behaviour=False)
+    m = THRESHOLDS["dormant_margin"]
+    names = [f"blocks.{l}.mlp.hook_post" for l in range(6)]
+    with torch.inference_mode():
+        _, clean = model.run_with_cache(x, names_filter=names, return_type=None)
+    n_found = 0
+    for vi, var in enumerate(v):
+        (site, iv), = var.pairs
+        (rs,) = site.resolve(model, (8, 8))
+        toks = rs.tokens
+
+        def edit(act, hook, iv=iv, toks=toks):
+            out = act.clone()
+            sel = slice(None) if toks is None else toks
+            out[:, sel] = (iv.alpha * act[:, sel] if isinstance(iv, Scale)
+                           else act[:, sel] + iv.scale * iv.direction)
+            return out
+
+        with torch.inference_mode(), model.hooks(fwd_hooks=[(rs.hook, edit)]):
+            _, cache = model.run_with_cache(x, names_filter=names, return_type=None)
+        expected = set()
+        for l in range(rs.layer, 6):
+            for c, sl in (("prefix", slice(0, 1)), ("patches", slice(1, None))):
+                r = ref.neurons[l][c]
+                bound = r["max"] + m * (r["max"] - r["median"]).clamp_min(0) + 1e-6
+                t = clean[names[l]][:, sl]
+                thr = torch.maximum(bound, t + 1e-4 * (1 + t.abs()))
+                hit = (cache[names[l]][:, sl] - thr).amax(1).amax(0) > 0
+                expected |= {(l, int(u), c) for u in torch.nonzero(hit).flatten()}
+        got = {(d["layer"], d["neuron"], d["class"]) for d in rep.dormant[vi]}
+        assert got == expected, var.label
+        n_found += len(got)
+    assert n_found > 0  # the large edits do switch on dormant neurons
+    assert rep.dormant[0] == [] and rep.dormant[6] == []  # Scale(1.0) changes nothing

@@ -322,7 +322,7 @@ class _Collector:
                 self.bounds[l][c] = bound.to(self.target_mlp[l].device)
                 t = self.target_mlp[l][:, self._tok_slice(c)]
                 if t.shape[1]:
-                    for u in torch.nonzero(t.amax((0, 1)) > self.bounds[l][c]).flatten().tolist():
+                    for u in torch.nonzero(t.amax(1).amax(0) > self.bounds[l][c]).flatten().tolist():
                         self.target_dormant.append({"layer": l, "neuron": u, "class": c})
 
         mlp_names = [f"blocks.{l}.mlp.hook_post" for l in self.mlp_layers]
@@ -425,23 +425,25 @@ class _Collector:
         if act.shape[0] != len(chunk) * b:
             return
         layer = int(hook.split(".")[1])
-        a = act.reshape(len(chunk), b, act.shape[1], act.shape[-1])
+        n = len(chunk)
         tgt = self.target_mlp[layer]
         for c, bound in self.bounds[layer].items():
             sl = self._tok_slice(c)
-            ac = a[:, :, sl]
-            if ac.shape[2] == 0:
+            ac = act[:, sl]                                                 # [Vc*B, t, U]
+            if ac.shape[1] == 0:
                 continue
-            mx = ac.amax((1, 2))                                            # [Vc, U]
+            # reduce the token axis first, then the images: one pass over contiguous rows
+            # (amax over the two middle axes at once is ~30x slower on CPU)
+            mx = ac.amax(1).view(n, b, -1).amax(1)                          # [Vc, U]
             cand = mx > bound
             if not bool(cand.any()):
                 continue
             units = torch.nonzero(cand.any(0)).flatten()
-            t = tgt[:, sl][..., units]
+            t = tgt[:, sl][..., units]                                      # [B, t, u]
             # beyond the natural bound AND beyond the unpatched target at the same position:
             # the intervention, not the target image, drives the neuron there
             thr = torch.maximum(bound[units], t + 1e-4 * (1 + t.abs()))
-            ex = (ac[..., units] - thr).amax((1, 2))                         # [Vc, u]
+            ex = (ac[..., units].view(n, b, -1, len(units)) - thr).amax(2).amax(1)  # [Vc, u]
             for j, ui in torch.nonzero(ex > 0).tolist():
                 vi = int(chunk[j])
                 if layer < self.down[vi]:
