@@ -15,9 +15,10 @@ def sync(device: str | torch.device) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2,
-                     device: str = "cpu") -> dict[str, float]:
+                     device: str = "cpu", samples_out: dict[str, list[float]] | None = None
+                     ) -> dict[str, float]:
     """Median seconds per call of each function, run round-robin so that drift in the machine's
-    speed hits all of them alike."""
+    speed hits all of them alike. ``samples_out`` (a dict) receives every timing, in order."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -30,7 +31,17 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, war
             fn()
             sync(device)
             samples[name].append(time.perf_counter() - t0)
+    if samples_out is not None:
+        samples_out.update(samples)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
+    """Median, min and max over rounds of ``num / den`` timed in the same round: each round's
+    pair saw the same machine state, so this is steadier than a ratio of medians on a shared
+    machine."""
+    r = sorted(a / b for a, b in zip(samples[num], samples[den]))
+    return statistics.median(r), r[0], r[-1]
 
 
 def machine() -> str:

@@ -2,7 +2,10 @@
 
     python benchmarks/forward.py [--device cuda] [--batch 8] [--model vit_small_patch16_224]
 
-Prints the ratios (HookedViT no hooks / timm, run_with_cache of every hook / timm).
+Prints the ratios (HookedViT no hooks / timm, run_with_cache of every hook / timm): the ratio of
+the medians over interleaved rounds, and the median and range of the per-round ratios (each
+round times all three back to back, so a per-round ratio is immune to slow drift of a shared
+machine's speed).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, time_interleaved  # noqa: E402
+from common import machine, paired_ratio, time_interleaved  # noqa: E402
 
 from patchlens import HookedViT  # noqa: E402
 
@@ -34,19 +37,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     src = timm.create_model(args.model, pretrained=False).eval().to(args.device)
     model = HookedViT.from_timm(src)
     x = torch.randn(args.batch, 3, 224, 224, device=args.device)
+    samples: dict[str, list[float]] = {}
     with torch.inference_mode():
         times = time_interleaved({
             "timm": lambda: src(x),
             "hooked": lambda: model(x),
             "cache_all": lambda: model.run_with_cache(x),
-        }, repeats=args.repeats, device=args.device)
+        }, repeats=args.repeats, device=args.device, samples_out=samples)
     ratios = {"hooked/timm": times["hooked"] / times["timm"],
               "cache_all/timm": times["cache_all"] / times["timm"]}
     print(f"forward benchmark: {args.model}, batch {args.batch}, {machine()}")
     for k, v in times.items():
         print(f"  {k:10s} {v * 1000:8.1f} ms")
     for k, v in ratios.items():
-        print(f"  {k:16s} {v:.3f}")
+        num, den = k.split("/")
+        med, lo, hi = paired_ratio(samples, num, den)
+        print(f"  {k:16s} {v:.3f}   (per round: median {med:.3f}, range {lo:.3f}-{hi:.3f})")
     return ratios
 
 

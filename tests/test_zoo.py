@@ -230,10 +230,6 @@ def test_load_reproduces_recorded_subset_accuracy(name, mode):
     assert rec["eval"]["n"] == 2000 and k == 200
 
 
-@pytest.mark.xfail(
-    reason="shipped clutter-digits-vit is under-trained (96.40%); continue training (docs/zoo.md)",
-    strict=False,
-)
 def test_clean_model_meets_accuracy_target():
     assert zoo.info("clutter-digits-vit")["eval"]["clean"]["accuracy"] >= 0.97
 

@@ -125,7 +125,9 @@ class HookedViT(HookedRootModule):
                 f"{hw[1]} (shape {tuple(x.shape)}); resize with model.preprocess, or convert the "
                 "source model with dynamic_img_size=True."
             )
-        if not torch.isfinite(x).all():
+        # one reduction instead of an elementwise mask: a NaN or inf makes the sum non-finite;
+        # a finite-but-huge input that overflows the sum gets the exact elementwise check
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
             raise InputError(
                 "The images contain NaN or infinite values; patchlens refuses them because every "
                 "activation downstream would be NaN. Clean the input (torch.nan_to_num) first."
