@@ -5,7 +5,7 @@
 Prints the ratios (HookedViT no hooks / timm, run_with_cache of every hook / timm): the ratio of
 the medians over interleaved rounds, and the median and range of the per-round ratios (each
 round times all three back to back, so a per-round ratio is immune to slow drift of a shared
-machine's speed).
+machine's speed) and the ratio of the fastest runs (the least disturbed by other jobs).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for k, v in ratios.items():
         num, den = k.split("/")
         med, lo, hi = paired_ratio(samples, num, den)
-        print(f"  {k:16s} {v:.3f}   (per round: median {med:.3f}, range {lo:.3f}-{hi:.3f})")
+        best = min(samples[num]) / min(samples[den])
+        print(f"  {k:16s} {v:.3f}   (per round: median {med:.3f}, range {lo:.3f}-{hi:.3f}; "
+              f"best of each: {best:.3f})")
     return ratios
 
 

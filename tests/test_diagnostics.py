@@ -3,6 +3,8 @@ cross-checks and bad input."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -280,3 +282,20 @@ def test_zoo_dormant_neurons_match_naive_loop(zoo):
         n_found += len(got)
     assert n_found > 0  # the large edits do switch on dormant neurons
     assert rep.dormant[0] == [] and rep.dormant[6] == []  # Scale(1.0) changes nothing
+
+
+def test_site_sinkhorn_needs_enough_patched_vectors(zoo):
+    """A (site, class) with fewer than MIN_OT patched vectors gets no Sinkhorn ratio (NaN and a
+    note saying how many are needed); one with enough gets a finite ratio."""
+    from patchlens.diagnostics import diagnose
+    from patchlens.diagnostics.measures import MIN_OT
+    from patchlens.patching import Interchange, Site, Variant
+
+    model, ref, held = zoo
+    v = [Variant([(Site("resid_pre", layers=1, tokens=t), Interchange(held[:4]))], t)
+         for t in range(6)]  # prefix: 4 vectors; patches: 5 tokens x 4 images = 20
+    rep = diagnose(model, held[4:8], v, ref)
+    by_class = {o["class"]: o for o in rep.ot}
+    assert by_class["prefix"]["n"] == 4 < MIN_OT and math.isnan(by_class["prefix"]["ratio"])
+    assert f"at least {MIN_OT}" in by_class["prefix"]["note"]
+    assert by_class["patches"]["n"] == 20 and math.isfinite(by_class["patches"]["ratio"])

@@ -82,8 +82,9 @@ pd.DataFrame([
 # logit. With the counterfactual latent (CL) loss, the patched residual stream is also pulled
 # towards the clean run's (the natural latent of the counterfactual input), as the paper
 # proposes: `L = L_behaviour + eps * L_CL`. On this model the CL term keeps the vector smaller
-# (at some cost in restored logit), but one vector added to every token stays off the natural
-# distribution either way (see docs/divergence.md for the measured figures).
+# and removes the dormant-neuron (pernicious) signature, at some cost in restored logit; one
+# vector added to every token still cannot follow the per-token counterfactual latents (see
+# docs/divergence.md for the measured figures).
 
 # %%
 hook = f"blocks.{layer}.hook_resid_pre"

@@ -32,7 +32,8 @@ def _as_2d(x, what: str) -> Tensor:
         x = x[None]
     if x.ndim != 2:
         raise InputError(f"{what} must be vectors [N, D], got shape {tuple(x.shape)}.")
-    if not torch.isfinite(x).all():
+    # NaN/inf make the sum non-finite; only an overflowing sum needs the elementwise check
+    if x.numel() and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         raise InputError(f"{what} contains NaN or infinite values.")
     return x.detach().to(torch.float32)
 
@@ -129,7 +130,7 @@ def ot_divergence(patched, natural, *, blur: float = 0.05, max_samples: int = 50
         )
     mean, std = stats if stats is not None else natural_stats(q)
     scale = safe_std(std) * q.shape[1] ** 0.5
-    q = _cap((q - mean) / scale, max_samples, seed)
+    q = (_cap(q, max_samples, seed) - mean) / scale  # rows picked by (n, seed) alone
     p = (p - mean) / scale
     a_idx, b_idx = _split(q.shape[0], seed + 1)
     a, b = q[a_idx], q[b_idx]
@@ -162,11 +163,12 @@ def _knn(x: Tensor, ref: Tensor, k: int, chunk: int = 2048) -> tuple[Tensor, Ten
 
 
 def local_pca_residual(x: Tensor, ref: Tensor, k: int = 20, var: float = 0.95,
-                       chunk: int = 512) -> Tensor:
+                       chunk: int = 512, neighbours: Tensor | None = None) -> Tensor:
     """Residual ``[M]`` (mean square per dimension) of each ``x`` after projecting ``x - mu``
     onto the principal components (to ``var`` explained variance) of its ``k`` nearest
-    neighbours in ``ref``, ``mu`` their mean (paper: local PCA with k = 20, 95%)."""
-    _, idx = _knn(x, ref, k)
+    neighbours in ``ref``, ``mu`` their mean (paper: local PCA with k = 20, 95%).
+    ``neighbours`` ``[M, k]``: their indices in ``ref`` if already known (from `_knn`)."""
+    idx = neighbours if neighbours is not None else _knn(x, ref, k)[1]
     out = []
     for i in range(0, x.shape[0], chunk):
         nb = ref[idx[i : i + chunk]]                           # [m, k, D]
@@ -258,11 +260,11 @@ class NaturalScorer:
         z = self._z(x)
         c = z - self.location
         maha = ((c @ self.precision) * c).sum(1).clamp_min(0).sqrt()
-        d2, _ = _knn(z, self.fit, 1)
+        d2, idx = _knn(z, self.fit, self.k)  # one search: the nearest is column 0
         return {
             "mahalanobis": maha,
             "knn": d2[:, 0] / self.dim,
-            "local_pca": local_pca_residual(z, self.fit, self.k, self.var),
+            "local_pca": local_pca_residual(z, self.fit, self.k, self.var, neighbours=idx),
             "norm_ratio": x.norm(dim=1) / self.typical_norm,
         }
 

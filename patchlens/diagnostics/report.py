@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patchlens.diagnostics.measures import MEASURES, few_threads, ot_divergence
+from patchlens.diagnostics.measures import MEASURES, MIN_OT, few_threads, ot_divergence
 from patchlens.diagnostics.reference import _NO_TOKEN_AXIS, Reference, vectors
 from patchlens.errors import InputError
 
@@ -271,15 +271,21 @@ class _Collector:
             acts[hook.name] = act
             return act
 
-        with few_threads(1), model.options(**options_for(hooks)):
+        # model-sized forward and backward passes: torch's whole thread pool
+        with model.options(**options_for(hooks)):
             with torch.enable_grad(), model.hooks(fwd_hooks=[(h, keep)
                                                              for h in hooks + mlp_names]):
                 if behaviour:
-                    with torch.no_grad():
-                        logits = model(target)
-                    n_out = logits.shape[-1]
-                    cls = (torch.arange(n_out) if n_out <= MAX_JACOBIAN_OUTPUTS else
-                           logits.float().mean(0).topk(MAX_JACOBIAN_OUTPUTS).indices)
+                    head = getattr(model, "head", None)
+                    n_out = head.out_features if head is not None else None
+                    if n_out is not None and n_out <= MAX_JACOBIAN_OUTPUTS:
+                        cls = torch.arange(n_out)
+                    else:
+                        with torch.no_grad():
+                            logits = model(target)
+                        n_out = logits.shape[-1]
+                        cls = (torch.arange(n_out) if n_out <= MAX_JACOBIAN_OUTPUTS else
+                               logits.float().mean(0).topk(MAX_JACOBIAN_OUTPUTS).indices)
                     k = len(cls)
                     x = target.detach().repeat(k, 1, 1, 1).requires_grad_(True)
                     out = model(x)
@@ -529,6 +535,11 @@ class _Collector:
         cached on the reference per sample size."""
         nat = self.ref.natural(*key)
         stats = self.ref.stats[key[0]][key[1]]
+        if vecs.shape[0] < MIN_OT:  # a distance between a handful of points says nothing
+            return {"hook": key[0], "class": key[1], "distance": float("nan"),
+                    "baseline": float("nan"), "ratio": float("nan"), "n": vecs.shape[0],
+                    "note": f"{vecs.shape[0]} patched vectors; the Sinkhorn ratio needs at "
+                            f"least {MIN_OT}"}
         try:
             r = ot_divergence(vecs, nat, max_samples=self.ot_samples, stats=stats,
                               baseline_cache=self.ref._ot_baselines, cache_key=key)
