@@ -1,6 +1,7 @@
 """HookedViT forward cost against the source timm model, measured in one run.
 
     python benchmarks/forward.py [--device cuda] [--batch 8] [--model vit_small_patch16_224]
+                                 [--threads N] [--repeats 9] [--keep-freed-memory]
 
 Prints the ratios (HookedViT no hooks / timm, run_with_cache of every hook / timm): the ratio of
 the medians over interleaved rounds, and the median and range of the per-round ratios (each
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, paired_ratio, time_interleaved  # noqa: E402
 
-from patchlens import HookedViT  # noqa: E402
+from patchlens import HookedViT, keep_freed_memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -30,7 +31,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="call patchlens.keep_freed_memory() first (glibc keeps freed memory)")
     args = ap.parse_args(argv)
+    if args.keep_freed_memory:
+        print(f"patchlens.keep_freed_memory(): {keep_freed_memory()}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ from patchlens.errors import (
     UnknownModelError,
     UnsupportedModelError,
 )
+from patchlens.memory import keep_freed_memory
 from patchlens.model import HookedViT, TokenLayout, ViTConfig
 from patchlens.patching import (
     Add,
@@ -76,4 +77,5 @@ __all__ = [
     "CheckpointMismatchError",
     "InputError",
     "zeroshot_head",
+    "keep_freed_memory",
 ]

@@ -8,6 +8,7 @@
 import plotly.express as px
 import torch
 
+import patchlens as pl
 from patchlens import HookedViT
 from patchlens.zoo.clutter_digits import generate
 
@@ -32,9 +33,12 @@ px.imshow(data.images.permute(0, 2, 3, 1).numpy(), facet_col=0, facet_col_wrap=6
 
 # %% [markdown]
 # ## The cache
-# Every hook point is in the cache; TransformerLens shorthand works.
+# Every hook point is in the cache; TransformerLens shorthand works. (On Linux,
+# `pl.keep_freed_memory()` makes repeated full caches of big models faster: glibc keeps the
+# memory of dropped caches in the process; it returns False where it does not apply.)
 
 # %%
+print("keep_freed_memory applied:", pl.keep_freed_memory())
 print(len(cache.cache_dict), "activations cached")
 for key in [("resid_pre", 3), ("q", 0), ("pattern", 0), ("mlp_post", 2)]:
     print(key, tuple(cache[key].shape))
