@@ -96,6 +96,32 @@ def test_both_attention_paths_agree(timm_pair):
     assert torch.allclose(fast, slow, atol=1e-5)
 
 
+def test_cpu_explicit_attention_matches_matmul_path(timm_pair):
+    """The CPU explicit path (per-image strided GEMMs into preallocated outputs, used without
+    autograd) gives the same scores, pattern and z as the differentiable matmul path, in
+    float32 and float64, also when a hook hands back a non-contiguous tensor."""
+    _, model = timm_pair
+    x = torch.randn(3, 3, 64, 64)
+    names = lambda n: n.endswith(("hook_attn_scores", "hook_pattern", "hook_z"))  # noqa: E731
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-13)):
+        m = model.to(dtype)
+        xd = x.to(dtype)
+        with torch.inference_mode():
+            out_a, ca = m.run_with_cache(xd, names_filter=names)
+        with torch.enable_grad():
+            out_b, cb = m.run_with_cache(xd.clone().requires_grad_(True), names_filter=names)
+        assert torch.allclose(out_a, out_b.detach(), atol=tol, rtol=0)
+        for k in ca.cache_dict:
+            assert torch.allclose(ca[k], cb[k].detach(), atol=tol, rtol=0), k
+    model.to(torch.float32)
+    # a q hook that returns a transposed-then-transposed-back (non-contiguous) tensor
+    swap = (lambda n: n.endswith("hook_q"), lambda a, hook: a.transpose(0, 1).contiguous().transpose(0, 1))
+    with torch.inference_mode():
+        ref = model(x)
+        assert torch.allclose(model.run_with_hooks(x, fwd_hooks=[swap, (lambda n: n.endswith(
+            "hook_pattern"), lambda a, hook: a)]), ref, atol=1e-5)
+
+
 def test_fast_path_used_without_hooks(timm_pair, monkeypatch):
     _, model = timm_pair
     calls = []
