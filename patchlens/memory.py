@@ -2,8 +2,8 @@
 
 `run_with_cache` of every hook keeps hundreds of MB of activations alive per call. With glibc's
 default malloc settings, much of that memory is handed back to the operating system when the
-cache is dropped, and the next call page-faults it in again (tens of thousands of minor faults
-per call measured on vit_small, batch 8), which makes repeated full caches slower and their
+cache is dropped, and the next call page-faults it in again (~172,000 minor faults per call,
+every page of ~700 MB, measured on vit_small, batch 8), which makes repeated full caches slower and their
 timings scatter. `keep_freed_memory` tells glibc to keep freed memory in the process instead.
 """
 
@@ -43,7 +43,7 @@ def keep_freed_memory() -> bool:
 
     Measured with ``python benchmarks/forward.py --keep-freed-memory`` (vit_small, batch 8,
     2 threads): ``run_with_cache`` of every hook went from 1.28-1.64x timm's forward (default
-    settings) to 1.22-1.25x. See docs/performance.md.
+    settings) to 1.19-1.25x. See docs/performance.md.
 
     Returns:
         True if applied; False where the C library is not glibc (macOS, Windows, musl), where

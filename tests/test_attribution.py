@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import perturb_
 
-from patchlens import AttributionMap, HookedViT, InputError, ViTConfig
+from patchlens import AttributionMap, HookedViT, InputError
 from patchlens.attribution import METHODS, attention_rollout, chefer, class_attention
 from patchlens.attribution import metrics as am
 
@@ -16,15 +17,9 @@ FAST = {"rise": dict(n_masks=24, batch_size=8), "integrated_gradients": dict(n_s
 
 
 @pytest.fixture(scope="module")
-def model() -> HookedViT:
+def model(tiny_cfg) -> HookedViT:
     torch.manual_seed(0)
-    cfg = ViTConfig(d_model=32, d_head=8, n_heads=4, n_layers=3, d_mlp=64, image_size=(32, 32),
-                    patch_size=(8, 8), n_classes=5)
-    m = HookedViT(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
+    return perturb_(HookedViT(tiny_cfg).eval(), std=0.2)
 
 
 @pytest.fixture(scope="module")

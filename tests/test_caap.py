@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturb_
 
 from patchlens import AttributionMap, HookedViT, InputError, ViTConfig, caap
 from patchlens.recipes.caap import blur, default_layers
@@ -15,11 +16,7 @@ def model() -> HookedViT:
     cfg = ViTConfig(d_model=32, d_head=8, n_heads=4, n_layers=4, d_mlp=64, image_size=(40, 40),
                     patch_size=(8, 8), n_classes=5, data_mean=(0.4, 0.5, 0.6),
                     data_std=(0.2, 0.25, 0.3))
-    m = HookedViT(cfg).eval()
-    with torch.no_grad():  # break the init's symmetries so attention and logits vary
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    return m
+    return perturb_(HookedViT(cfg).eval(), std=0.2)  # break the init's symmetries
 
 
 @pytest.fixture(scope="module")

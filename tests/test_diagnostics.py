@@ -158,16 +158,21 @@ def test_sweep_with_diagnose(vit_setup, tmp_path):
     back.check_model(model)
 
 
-def test_steering_sweep_is_divergent(vit_setup):
+def _assert_random_steering_divergent(model, images, ref, norm_scale: float) -> None:
+    """A random vector added to every patch token at layer 1 is divergent, nearly every
+    patched vector an outlier."""
     from patchlens.diagnostics import diagnose
     from patchlens.patching import Add, Site, Variant
 
-    model, images, ref = vit_setup
-    steer = 50 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    steer = norm_scale * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
     v = [Variant([(Site("resid_pre", layers=1, tokens="patches"), Add(steer))], "steer")]
     rep = diagnose(model, images[:4], v, ref, ot=False)
     assert rep.variant_verdicts()[0].startswith("divergent")
     assert rep.rows[0]["outlier_rate"] > 0.9
+
+
+def test_steering_sweep_is_divergent(vit_setup):
+    _assert_random_steering_divergent(*vit_setup, norm_scale=50)
 
 
 def test_bad_input(vit_setup, tiny_cfg):
@@ -225,15 +230,8 @@ def test_zoo_natural_inputs_are_natural(zoo):
 
 
 def test_zoo_random_steering_is_divergent(zoo):
-    from patchlens.diagnostics import diagnose
-    from patchlens.patching import Add, Site, Variant
-
     model, ref, held = zoo
-    steer = 20 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2))
-    v = [Variant([(Site("resid_pre", layers=1, tokens="patches"), Add(steer))], "steer")]
-    rep = diagnose(model, held[:4], v, ref, ot=False)
-    assert rep.variant_verdicts()[0].startswith("divergent")
-    assert rep.rows[0]["outlier_rate"] > 0.9
+    _assert_random_steering_divergent(model, held, ref, norm_scale=20)
 
 
 def test_zoo_dormant_neurons_match_naive_loop(zoo):

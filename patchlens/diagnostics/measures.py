@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from patchlens.checks import all_finite
 from patchlens.errors import InputError
 
 MEASURES = ("mahalanobis", "knn", "local_pca", "norm_ratio")
@@ -32,8 +33,7 @@ def _as_2d(x, what: str) -> Tensor:
         x = x[None]
     if x.ndim != 2:
         raise InputError(f"{what} must be vectors [N, D], got shape {tuple(x.shape)}.")
-    # NaN/inf make the sum non-finite; only an overflowing sum needs the elementwise check
-    if x.numel() and not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+    if not all_finite(x):
         raise InputError(f"{what} contains NaN or infinite values.")
     return x.detach().to(torch.float32)
 

@@ -423,10 +423,7 @@ class _Collector:
         self.vecs[(vi, si)] = out
 
     def _observe_mlp(self, hook: str, act: Tensor, chunk: Tensor) -> None:
-        # large reductions: keep torch's thread pool (measured faster than one thread here)
-        self._observe_mlp_(hook, act, chunk)
-
-    def _observe_mlp_(self, hook: str, act: Tensor, chunk: Tensor) -> None:
+        # large reductions: on torch's whole thread pool (unlike `_observe_site`)
         b = self.b
         if act.shape[0] != len(chunk) * b:
             return

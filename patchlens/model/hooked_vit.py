@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from patchlens.checks import all_finite
 from patchlens.errors import InputError, unknown_hook_error
 from patchlens.model.components import AttentionPool, Block, Embed, LayerNorm, init_weights_
 from patchlens.model.config import ViTConfig
@@ -125,9 +126,7 @@ class HookedViT(HookedRootModule):
                 f"{hw[1]} (shape {tuple(x.shape)}); resize with model.preprocess, or convert the "
                 "source model with dynamic_img_size=True."
             )
-        # one reduction instead of an elementwise mask: a NaN or inf makes the sum non-finite;
-        # a finite-but-huge input that overflows the sum gets the exact elementwise check
-        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+        if not all_finite(x):
             raise InputError(
                 "The images contain NaN or infinite values; patchlens refuses them because every "
                 "activation downstream would be NaN. Clean the input (torch.nan_to_num) first."
