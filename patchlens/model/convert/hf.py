@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from patchlens.errors import UnknownModelError, UnsupportedModelError
-from patchlens.model.config import ViTConfig
+from patchlens.model.config import ViTConfig, as_pair
 from patchlens.model.convert.common import layer_norm_keys, load_strict, rename
 
 # architecture -> (family, head kind); head kinds: None, classifier, teacher, projection
@@ -110,13 +110,6 @@ _DROP = re.compile(
 )
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
-
-
 def _resolve(obj: Any, architecture: str | None = None) -> tuple[Any, str, str, str | None]:
     """(HF config, architecture name, family, head kind) of a model or config object."""
     from transformers import PretrainedConfig
@@ -169,7 +162,7 @@ def hf_config(obj: Any, architecture: str | None = None, source: str = "") -> Vi
         )
     d, n_heads = config.hidden_size, config.num_attention_heads
     d_head = getattr(config, "head_dim", None) or d // n_heads
-    image, patch = _pair(config.image_size), _pair(config.patch_size)
+    image, patch = as_pair(config.image_size), as_pair(config.patch_size)
     dinov2 = family.startswith("dinov2")
     if dinov2:
         d_mlp = int(d * config.mlp_ratio)
