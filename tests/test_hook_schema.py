@@ -245,3 +245,50 @@ def test_hook_table_comes_from_the_schema():
     assert by["blocks.0.attn.hook_result"]["opt_in"] == "use_attn_result"
     assert by["blocks.0.attn.hook_z"]["alias"] == "z"
     assert by["hook_pooled"]["axes"] == "batch d_pooled"
+
+
+class _Features(nn.Module):
+    """A stand-in for a spliced dictionary: 6 features per token, read back linearly."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.enc = nn.Parameter(torch.randn(d, 6, generator=g, dtype=torch.float64))
+        declare_hooks(self, {"hook_acts": HookDecl("batch pos feature", "feature activations",
+                                                   alias="acts")})
+
+    def forward(self, x):
+        return x + self.hook_acts(x @ self.enc) @ self.enc.T
+
+
+def test_feature_selection_on_a_feature_axis():
+    model = _model("plain", torch.float64)
+    model.blocks[1].feats = _Features(32)
+    mlp = model.blocks[1].mlp
+    orig = mlp.forward
+
+    def fwd(x):  # route block 1's MLP input through the features
+        return orig(model.blocks[1].feats(x))
+
+    mlp.forward = fwd
+    model.setup()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out = pl.patch(model, x, [(pl.Site("acts", layers=1, tokens=[0, 2], features=[1, 4]),
+                               pl.Zero())])
+
+    def zero(a, hook):
+        a = a.clone()
+        for t in (0, 2):
+            a[:, t, [1, 4]] = 0
+        return a
+
+    with model.hooks(fwd_hooks=[("blocks.1.feats.hook_acts", zero)]):
+        ref = model(x)
+    assert torch.allclose(out, ref, atol=1e-12)
+    with pytest.raises(InputError, match="no feature axis"):
+        pl.patch(model, x, [(pl.Site("resid_pre", layers=1, features=[1]), pl.Zero())])
+    with pytest.raises(InputError, match="out of range: that axis has 6"):
+        pl.patch(model, x, [(pl.Site("acts", layers=1, features=[6]), pl.Zero())])
+    with pytest.raises(InputError, match="non-negative"):
+        pl.Site("acts", layers=1, features=[-1]).resolve(model)
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())

@@ -392,7 +392,8 @@ def _patch_hooks(model, entries: list[_Entry], b: int, layout, sources):
             rs = e.site
             key = (e.order, id(e.intervention),
                    None if rs.tokens is None else len(rs.tokens),
-                   None if rs.heads is None else len(rs.heads))
+                   None if rs.heads is None else len(rs.heads),
+                   None if rs.features is None else len(rs.features))
             keyed[key].append(e)
         plans = [(_gather(es, b, sizes), es) for es in keyed.values()]
         hooks.append((name, _make_hook(plans, sources)))
@@ -406,7 +407,9 @@ def _gather(es: list[_Entry], b: int, sizes: dict[str, int]) -> Gather:
     rows = torch.stack([e.slot * b + ar for e in es])
     images = ar.expand(len(es), b)
     variants = torch.tensor([e.index for e in es]).view(-1, 1).expand(-1, b)
-    indexed = [a for a in (spec.token_axis, spec.head_axis) if a is not None]
+    features = es[0].site.features is not None
+    indexed = [a for a in (spec.token_axis, spec.head_axis,
+                           spec.feature_axis if features else None) if a is not None]
     selections = []
     for axis in range(1, max(indexed, default=0) + 1):
         if axis == spec.token_axis:
@@ -415,6 +418,9 @@ def _gather(es: list[_Entry], b: int, sizes: dict[str, int]) -> Gather:
         elif axis == spec.head_axis:
             picks = [e.site.heads for e in es]
             full = sizes["head"]
+        elif axis == spec.feature_axis:
+            picks = [e.site.features for e in es]
+            full = None
         else:
             raise InputError(f"Cannot select at {spec.describe()}: axis {spec.axes[axis]!r} "
                              "lies before a token or head axis.")
@@ -432,9 +438,20 @@ def _observer_hooks(observers, chunk: Tensor):
     return [(name, make(fn)) for name, fn in observers]
 
 
+def _check_bounds(gather: Gather, act: Tensor) -> None:
+    """Selections must fit the activation (feature widths are only known at run time)."""
+    for axis, sel in gather.selections:
+        if sel.numel() and int(sel.max()) >= act.shape[axis]:
+            raise InputError(
+                f"Index {int(sel.max())} on axis {gather.spec.axes[axis]!r} of {gather.hook} is "
+                f"out of range: that axis has {act.shape[axis]} entries."
+            )
+
+
 def _make_hook(plans, sources):
     def hook_fn(act: Tensor, hook) -> Tensor:
         for gather, es in plans:
+            _check_bounds(gather, act)
             if act.device != gather.rows.device:
                 gather = gather.to(act.device)
             idx = gather.index(gather.rows)

@@ -58,6 +58,10 @@ class Gather:
     def heads(self) -> Tensor | None:
         return self.selected(self.spec.head_axis)
 
+    @property
+    def features(self) -> Tensor | None:
+        return self.selected(self.spec.feature_axis)
+
     def index(self, batch: Tensor) -> tuple[Tensor, ...]:
         """An advanced index giving ``[E, B, k_1, ...]`` for batch indices ``batch [E, B]``."""
         e, b = batch.shape

@@ -48,6 +48,7 @@ class ResolvedSite:
     tokens: Tensor | None
     heads: Tensor | None
     spec: HookSpec
+    features: Tensor | None = None
 
     @property
     def token_dim(self) -> int | None:
@@ -72,12 +73,15 @@ class Site:
             an int or list of token indices, a ``(row, col)`` patch, a boolean patch-grid mask
             ``[grid_h, grid_w]``, or a `Rect`. For attention patterns, tokens select the query.
         heads: an int or list (for per-head hooks: q, k, v, z, result, pattern, q/k/v_input).
+        features: an int or list of feature indices (for hooks with a ``feature`` axis, e.g. a
+            spliced sparse autoencoder's ``hook_sae_acts_post``).
     """
 
     hook: str
     layers: LayerSelector = "all"
     tokens: TokenSelector = "all"
     heads: int | Sequence[int] | None = None
+    features: int | Sequence[int] | None = None
     name: str = field(default="", compare=False)
 
     def __repr__(self) -> str:
@@ -88,6 +92,8 @@ class Site:
             parts.append(f"tokens={_short(self.tokens)}")
         if self.heads is not None:
             parts.append(f"heads={_short(self.heads)}")
+        if self.features is not None:
+            parts.append(f"features={_short(self.features)}")
         return f"Site({', '.join(parts)})"
 
     # ------------------------------------------------------------------------------------------
@@ -132,10 +138,12 @@ class Site:
         for name, layer in self.hook_names(model):
             spec = model.hook_spec(name)
             check_axis_selection(spec, tokens=not _is_all(self.tokens),
-                                 heads=self.heads is not None)
+                                 heads=self.heads is not None,
+                                 features=self.features is not None)
             tokens = None if spec.token_axis is None else resolve_tokens(self.tokens, layout)
             heads = None if self.heads is None else resolve_heads(self.heads, model.cfg.n_heads)
-            out.append(ResolvedSite(name, layer, tokens, heads, spec))
+            feats = None if self.features is None else resolve_features(self.features)
+            out.append(ResolvedSite(name, layer, tokens, heads, spec, feats))
         return out
 
     def is_per_layer(self, model) -> bool:
@@ -187,6 +195,24 @@ def resolve_heads(heads: int | Sequence[int], n_heads: int) -> Tensor:
         if isinstance(h, bool) or not isinstance(h, int) or not -n_heads <= h < n_heads:
             raise InputError(f"Head {h!r} is out of range: the model has {n_heads} heads (0..{n_heads - 1}).")
     return torch.tensor(sorted({h % n_heads for h in hs}), dtype=torch.long)
+
+
+def resolve_features(features: int | Sequence[int] | Tensor) -> Tensor:
+    """Feature selector -> sorted unique index tensor (checked against the activation's width
+    when the engine runs)."""
+    if isinstance(features, Tensor):
+        if features.is_floating_point() or features.dtype == torch.bool or features.ndim > 1:
+            raise InputError(f"features must be ints or a 1-D integer tensor, got dtype "
+                             f"{features.dtype} shape {tuple(features.shape)}.")
+        fs = features.tolist()
+    else:
+        fs = [features] if isinstance(features, int) else list(features)
+    if not fs:
+        raise InputError("The feature selection is empty; pass at least one feature index.")
+    for f in fs:
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise InputError(f"Feature indices are non-negative ints, got {f!r}.")
+    return torch.tensor(sorted(set(fs)), dtype=torch.long)
 
 
 def resolve_tokens(tokens: TokenSelector, layout) -> Tensor | None:

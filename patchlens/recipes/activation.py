@@ -226,9 +226,11 @@ def attribution_estimates(model, target: Tensor, source: Tensor, metric,
 
 def selection_sum(values: Tensor, rs: ResolvedSite) -> Tensor:
     """``values`` (one per activation element, ``[B, ...]`` in the hook's axes) summed over a
-    site's selection: the selected tokens and heads, every other axis but the batch; ``[B]``."""
+    site's selection: the selected tokens, heads and features, every other axis but the batch;
+    ``[B]``."""
     v = values
-    for axis, idx in ((rs.spec.token_axis, rs.tokens), (rs.spec.head_axis, rs.heads)):
+    for axis, idx in ((rs.spec.token_axis, rs.tokens), (rs.spec.head_axis, rs.heads),
+                      (rs.spec.feature_axis, rs.features)):
         if axis is not None and idx is not None:
             v = v.index_select(axis, idx.to(v.device))
     return v.reshape(v.shape[0], -1).sum(1)
