@@ -22,9 +22,7 @@ Classes = int | Tensor | list
 def resolve_classes(classes: Classes, b: int, n_classes: int, name: str = "classes") -> Tensor:
     """An int or one integer class per image -> ``[b]`` long tensor on the CPU, checked
     (integer dtype, one per image, in ``[0, n_classes)``)."""
-    t = torch.as_tensor(classes)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise InputError(f"{name} must be an int or integer classes [batch], got dtype {t.dtype}.")
+    t = _as_classes(classes, name)
     t = t.long().flatten().cpu()
     if t.numel() == 1:
         t = t.expand(b).clone()
@@ -36,11 +34,23 @@ def resolve_classes(classes: Classes, b: int, n_classes: int, name: str = "class
     return t
 
 
+def _as_classes(classes: Classes, name: str) -> Tensor:
+    """``classes`` as an integer tensor with at least one entry, or `InputError` naming it."""
+    try:
+        t = torch.as_tensor(classes)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{name} must be an int or integer classes [batch], got "
+                         f"{classes!r}.") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"{name} must be an int or integer classes [batch], got dtype {t.dtype}.")
+    if t.numel() == 0:
+        raise InputError(f"{name} is empty; pass an int or one class per image.")
+    return t
+
+
 def _per_row(classes: Classes, n: int, n_classes: int) -> Tensor:
     """Per-example classes repeated over ``n`` rows (``V`` variants x ``B`` images)."""
-    c = torch.as_tensor(classes)
-    if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool:
-        raise InputError(f"Metric classes must be ints, got dtype {c.dtype}.")
+    c = _as_classes(classes, "Metric classes")
     c = c.long().flatten()
     if c.numel() == 1:
         c = c.expand(n)
@@ -84,8 +94,12 @@ def _n_examples(*classes: Classes) -> int | None:
 
 def check_metric_batch(metric, b: int) -> None:
     """Raise `InputError` if ``metric`` was given per-example classes for another batch size
-    than ``b`` (they would otherwise be cycled silently over the images)."""
+    than ``b`` (they would otherwise be cycled silently over the images), or if it is not
+    callable."""
     inner = metric.metric if isinstance(metric, Recovery) else metric
+    if not callable(inner):
+        raise InputError(f"metric must be a function logits [N, classes] -> [N] (see "
+                         f"patchlens.metrics), got {metric!r}.")
     k = getattr(inner, "n_examples", None)
     if k is not None and k != b:
         raise InputError(f"The metric {inner!r} was given {k} per-example classes for a batch of "
@@ -99,23 +113,36 @@ def _upcast(lg: Tensor) -> Tensor:
 
 def logit(classes: Classes) -> Callable[[Tensor], Tensor]:
     """The logit of ``classes``."""
+    _as_classes(classes, "classes")
     return _Named(lambda lg: _pick(lg, classes), f"logit({_fmt(classes)})", _n_examples(classes))
 
 
 def logit_diff(classes: Classes, other: Classes) -> Callable[[Tensor], Tensor]:
-    """``logit[classes] - logit[other]`` (e.g. correct minus counterfactual answer)."""
+    """``logit[classes] - logit[other]`` (e.g. correct minus counterfactual answer). Refuses
+    ``other == classes`` for any example (the metric would be 0 whatever the patch does)."""
+    a, b = _as_classes(classes, "classes").flatten(), _as_classes(other, "other").flatten()
+    _n_examples(a, b)  # equal lengths (or one class for all): a == b broadcasts
+    same = torch.nonzero(a == b).flatten().tolist()
+    if same:
+        raise InputError(
+            f"logit_diff compares a class with itself (classes == other for example(s) "
+            f"{same[:8]}): the metric is 0 whatever the intervention does. Pass a different "
+            "counterfactual class."
+        )
     return _Named(lambda lg: _pick(lg, classes) - _pick(lg, other),
                   f"logit_diff({_fmt(classes)}, {_fmt(other)})", _n_examples(classes, other))
 
 
 def log_prob(classes: Classes) -> Callable[[Tensor], Tensor]:
     """Log-probability (log-softmax) of ``classes``."""
+    _as_classes(classes, "classes")
     return _Named(lambda lg: _pick(_upcast(lg).log_softmax(-1), classes).to(lg.dtype),
                   f"log_prob({_fmt(classes)})", _n_examples(classes))
 
 
 def prob(classes: Classes) -> Callable[[Tensor], Tensor]:
     """Softmax probability of ``classes`` (saturates: prefer `log_prob` or `logit_diff`)."""
+    _as_classes(classes, "classes")
     return _Named(lambda lg: _pick(_upcast(lg).softmax(-1), classes).to(lg.dtype),
                   f"prob({_fmt(classes)})", _n_examples(classes))
 
@@ -174,6 +201,8 @@ def recovery(metric: Callable[[Tensor], Tensor]) -> Recovery:
     """Wrap ``metric`` so recipes report normalised recovery (see `Recovery`)."""
     if isinstance(metric, Recovery):
         raise InputError("recovery() was applied twice; wrap the base metric once.")
+    if not callable(metric):
+        raise InputError(f"recovery() wraps a metric function logits -> [N], got {metric!r}.")
     return Recovery(metric)
 
 

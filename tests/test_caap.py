@@ -55,7 +55,7 @@ def naive_caap(model, x, ctx, tgt, layers, site, kind, group, other=None, refere
 
         base_hooks = [(pre_name, set_mean)] if mean is not None else []
         base = _score(model.run_with_hooks(ctx, fwd_hooks=base_hooks), kind, tgt, other)
-        out = torch.zeros(x.shape[0], gh, gw)
+        out = torch.zeros(x.shape[0], gh, gw, dtype=x.dtype)
         for r0 in range(0, gh, group):
             for c0 in range(0, gw, group):
                 toks = [layout.token(r, c) for r in range(r0, min(r0 + group, gh))

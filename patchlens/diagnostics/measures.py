@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from patchlens.checks import all_finite
+from patchlens.checks import all_finite, check_int, check_number
 from patchlens.errors import InputError
 
 MEASURES = ("mahalanobis", "knn", "local_pca", "norm_ratio")
@@ -121,6 +121,10 @@ def ot_divergence(patched, natural, *, blur: float = 0.05, max_samples: int = 50
     """
     p = _as_2d(patched, "patched")
     q = _as_2d(natural, "natural")
+    check_number("blur", blur, 0.0, low_open=True)
+    check_int("max_samples", max_samples, 1)
+    if p.shape[0] == 0:
+        raise InputError("patched is empty (0 vectors); there is nothing to compare.")
     if p.shape[1] != q.shape[1]:
         raise InputError(f"patched has D={p.shape[1]} but natural has D={q.shape[1]}.")
     if q.shape[0] < MIN_OT:
@@ -168,6 +172,12 @@ def local_pca_residual(x: Tensor, ref: Tensor, k: int = 20, var: float = 0.95,
     onto the principal components (to ``var`` explained variance) of its ``k`` nearest
     neighbours in ``ref``, ``mu`` their mean (paper: local PCA with k = 20, 95%).
     ``neighbours`` ``[M, k]``: their indices in ``ref`` if already known (from `_knn`)."""
+    if neighbours is None:
+        check_int("k", k, 1, ref.shape[0])
+        check_number("var", var, 0.0, 1.0, low_open=True)
+        if x.ndim != 2 or ref.ndim != 2 or x.shape[1] != ref.shape[1]:
+            raise InputError(f"x [M, D] and ref [N, D] must share D, got {tuple(x.shape)} and "
+                             f"{tuple(ref.shape)}.")
     idx = neighbours if neighbours is not None else _knn(x, ref, k)[1]
     out = []
     for i in range(0, x.shape[0], chunk):
@@ -207,6 +217,8 @@ class NaturalScorer:
                  seed: int = 0, stats: tuple[Tensor, Tensor] | None = None,
                  state: dict[str, Tensor] | None = None):
         nat = _as_2d(natural, "natural")
+        check_int("k", k, 1)
+        check_number("var", var, 0.0, 1.0, low_open=True)
         need = 2 * (k + 1)
         if nat.shape[0] < need:
             raise InputError(
@@ -286,6 +298,9 @@ def dormant_units(acts, natural_max, natural_median=None, margin: float = 0.1,
     acts = torch.as_tensor(acts, dtype=torch.float32)
     mx = torch.as_tensor(natural_max, dtype=torch.float32)
     med = mx if natural_median is None else torch.as_tensor(natural_median, dtype=torch.float32)
+    if mx.ndim != 1 or med.shape != mx.shape or acts.ndim == 0 or acts.shape[-1] != mx.shape[0]:
+        raise InputError(f"acts [..., U] and natural_max / natural_median [U] must share U, got "
+                         f"{tuple(acts.shape)}, {tuple(mx.shape)}, {tuple(med.shape)}.")
     bound = mx + margin * (mx - med).clamp_min(0) + tol
     top = acts.reshape(-1, acts.shape[-1]).amax(0)
     return top > bound

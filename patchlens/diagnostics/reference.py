@@ -16,9 +16,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from patchlens.checks import check_int
 from patchlens.errors import InputError, close_matches
 from patchlens.model.hooks import HookSpec
 
@@ -131,17 +133,19 @@ class Reference:
         hooks = list(dict.fromkeys(hooks))
         if not hooks:
             raise InputError("Reference.fit needs at least one site.")
-        if max_samples < 1:
-            raise InputError(f"max_samples must be >= 1, got {max_samples}.")
+        check_int("max_samples", max_samples, 1)
+        check_int("batch_size", batch_size, 1)
+        check_int("seed", seed)
         n_layers = model.cfg.n_layers
         mlp_hooks = {f"blocks.{l}.mlp.hook_post": l for l in range(n_layers)}
         mlp_hooks = {h: l for h, l in mlp_hooks.items() if h in model.hook_dict}
         layout = model.layout
         gen = torch.Generator().manual_seed(seed)
 
+        p = next(model.parameters())
         if isinstance(images_or_loader, Tensor):
-            x = images_or_loader
-            model.check_images(x)
+            x = images_or_loader  # cast batch by batch below, like a loader's batches
+            model.check_images(x if x.dtype == p.dtype else x[:1].to(p.dtype))
             batches: Iterable = (x[i : i + batch_size] for i in range(0, x.shape[0], batch_size))
             total = -(-x.shape[0] // batch_size)
         else:
@@ -162,11 +166,14 @@ class Reference:
         nmax: dict[int, dict[str, Tensor]] = {}
         n_images = 0
         names = hooks + [h for h in mlp_hooks if h not in hooks]
-        p = next(model.parameters())
         with torch.inference_mode():
             for batch in batches:
                 if isinstance(batch, (tuple, list)):
                     batch = batch[0]
+                if not isinstance(batch, (Tensor, np.ndarray)):
+                    raise InputError(f"Reference.fit takes image tensors [n, C, H, W] or an "
+                                     f"iterable of such batches; got a {type(batch).__name__}. "
+                                     "Use model.preprocess(...) for images or paths.")
                 batch = torch.as_tensor(batch).to(p.device, p.dtype)
                 model.check_images(batch)
                 _, cache = model.run_with_cache(batch, names_filter=names, return_type=None)

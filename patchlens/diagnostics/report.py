@@ -244,6 +244,9 @@ class _Collector:
         from patchlens.patching.engine import capture, start_layer
 
         self.th = {**THRESHOLDS, **(thresholds or {})}
+        if not isinstance(reference, Reference):
+            raise InputError(f"reference must be a fitted patchlens.diagnostics.Reference, got "
+                             f"{reference!r}; fit one with Reference.fit(model, images, sites).")
         reference.check_model(model)
         model.check_images(target)
         if len(variants) == 0:

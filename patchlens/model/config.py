@@ -8,6 +8,8 @@ from typing import Any
 
 from transformer_lens.config.transformer_lens_config import TransformerLensConfig
 
+from patchlens.errors import InputError
+
 POOLINGS = ("token", "avg", "map", "token_avg", "none")
 FINAL_NORMS = ("pre_pool", "post_pool", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "identity")
@@ -133,7 +135,7 @@ class ViTConfig(TransformerLensConfig):
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise InputError(msg)
 
     # ---- derived quantities -------------------------------------------------------------
     @property
@@ -171,7 +173,7 @@ class ViTConfig(TransformerLensConfig):
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"Unknown ViTConfig fields {unknown}; known fields: {sorted(names)}")
+            raise InputError(f"Unknown ViTConfig fields {unknown}; known fields: {sorted(names)}")
         return cls(**{k: v for k, v in d.items() if k not in ("dtype",)})
 
     def replace(self, **changes: Any) -> ViTConfig:

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 
-from patchlens.checks import all_finite
+from patchlens.checks import all_finite, is_int
 from patchlens.errors import InputError, unknown_hook_error
 from patchlens.model.components import AttentionPool, Block, Embed, LayerNorm, init_weights_
 from patchlens.model.config import ViTConfig
@@ -171,7 +171,12 @@ class HookedViT(HookedRootModule):
         return TokenLayout.from_config(self.cfg)
 
     def layout_for(self, image_size: tuple[int, int]) -> TokenLayout:
+        """Token layout of images of ``image_size`` (H, W) pixels."""
         ph, pw = self.cfg.patch_size
+        if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
+                or not all(is_int(v) and v >= p for v, p in zip(image_size, (ph, pw)))):
+            raise InputError(f"image_size must be (H, W) ints of at least one patch "
+                             f"{(ph, pw)}, got {image_size!r}.")
         return TokenLayout.from_config(self.cfg, (image_size[0] // ph, image_size[1] // pw))
 
     @property
@@ -205,6 +210,14 @@ class HookedViT(HookedRootModule):
             raise InputError(
                 f"Images must have shape [batch, {cfg.in_channels}, H, W], got {tuple(x.shape)}; "
                 "add a batch dimension with x[None] for a single image."
+            )
+        dtype = self.embed.proj.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise InputError(
+                f"The images are {x.dtype} but the model is {dtype}; patchlens does not cast "
+                f"silently (a float64 model is used for exact results). Convert them with "
+                f"x.to({dtype}) or make them with model.preprocess(...), which returns the "
+                "model's dtype and device."
             )
         if x.shape[1] != cfg.in_channels:
             raise InputError(

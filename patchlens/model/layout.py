@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Float
 
+from patchlens.checks import is_int
 from patchlens.errors import InputError
 
 
@@ -72,6 +73,8 @@ class TokenLayout:
     def token(self, row: int, col: int) -> int:
         """Token index of the patch at grid position (row, col); negative indices count back."""
         h, w = self.grid
+        if not (is_int(row) and is_int(col)):
+            raise InputError(f"A patch is (row, col) ints, got ({row!r}, {col!r}).")
         r, c = row + h if row < 0 else row, col + w if col < 0 else col
         if not (0 <= r < h and 0 <= c < w):
             raise InputError(f"Patch ({row}, {col}) is outside the {h}x{w} patch grid.")

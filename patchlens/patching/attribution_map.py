@@ -9,8 +9,24 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from patchlens.checks import check_int
 from patchlens.errors import InputError
 from patchlens.metrics import resolve_classes
+
+
+class MapIndexError(InputError, IndexError):
+    """An image index outside an `AttributionMap` (an `IndexError` too, so iteration stops)."""
+
+
+def _as_index_tensor(t, name: str) -> Tensor:
+    """Integer classes as a tensor (floats, bools, strings refused)."""
+    try:
+        t = torch.as_tensor(t)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{name} must be integer classes, got {t!r}.") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"{name} must be integer classes, got dtype {t.dtype}.")
+    return t
 
 
 @dataclass
@@ -36,7 +52,8 @@ class AttributionMap:
         if not isinstance(self.values, Tensor) or self.values.ndim != 3:
             shape = tuple(self.values.shape) if isinstance(self.values, Tensor) else self.values
             raise InputError(f"AttributionMap values must be [batch, grid_h, grid_w], got {shape}.")
-        self.target = torch.as_tensor(self.target, dtype=torch.long).flatten()
+        t = _as_index_tensor(self.target, "target")
+        self.target = t.long().flatten()
         if self.target.numel() == 1 and self.values.shape[0] > 1:
             self.target = self.target.expand(self.values.shape[0]).clone()
         if self.target.shape[0] != self.values.shape[0]:
@@ -54,8 +71,12 @@ class AttributionMap:
 
     def __getitem__(self, i) -> AttributionMap:
         """The maps of a subset of the batch (int, slice or index tensor)."""
-        if isinstance(i, int):
-            i = slice(i, i + 1 if i != -1 else None)
+        if isinstance(i, int) and not isinstance(i, bool):
+            n = len(self)
+            if not -n <= i < n:  # IndexError also ends `for m in amap`
+                raise MapIndexError(f"Map {i} is out of range: this AttributionMap holds {n} "
+                                    f"map(s) (0..{n - 1}).")
+            i = slice(i % n, i % n + 1)
         return AttributionMap(self.values[i], self.method, self.target[i],
                               None if self.images is None else self.images[i], dict(self.meta))
 
@@ -68,6 +89,10 @@ class AttributionMap:
                 raise InputError("upsample needs H, W when the map carries no images.")
             H, W = self.images.shape[-2:]
         W = H if W is None else W
+        check_int("H", int(H) if isinstance(H, Tensor) else H, 1)
+        check_int("W", int(W) if isinstance(W, Tensor) else W, 1)
+        if mode not in ("nearest", "bilinear"):
+            raise InputError(f"mode must be 'nearest' or 'bilinear', got {mode!r}.")
         kw = {} if mode == "nearest" else {"align_corners": False}
         return F.interpolate(self.values[:, None].float(), size=(H, W), mode=mode, **kw)[:, 0]
 
@@ -98,6 +123,9 @@ class AttributionMap:
         from patchlens.viz import grid_overlay
 
         idx = list(range(len(self))) if i is None else ([i] if isinstance(i, int) else list(i))
+        for j in idx:
+            check_int("i", j, -len(self), len(self) - 1)
+        idx = [j % len(self) for j in idx]
         maps = self.values[idx]
         labels = [f"image {j} (class {int(self.target[j])})" for j in idx]
         title = title or f"{self.method} · class {int(self.target[idx[0]])}"
@@ -144,7 +172,11 @@ def _image_slider(maps, images, labels, title, opacity):
 
 def as_values(maps) -> Tensor:
     """``AttributionMap`` or tensor ``[batch, gh, gw]`` -> tensor ``[batch, gh, gw]``."""
-    v = maps.values if isinstance(maps, AttributionMap) else torch.as_tensor(maps)
+    try:
+        v = maps.values if isinstance(maps, AttributionMap) else torch.as_tensor(maps)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"maps must be an AttributionMap or a tensor [batch, grid_h, grid_w], "
+                         f"got {type(maps).__name__}.") from None
     if v.ndim == 2:
         v = v[None]
     if v.ndim != 3:

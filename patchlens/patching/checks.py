@@ -1,4 +1,5 @@
-"""Checks shared by the engine and the recipes: what a metric returned."""
+"""Checks shared by the engine, the recipes and the attribution methods: what a metric
+returned, and the image batch they were given."""
 
 from __future__ import annotations
 
@@ -37,3 +38,30 @@ def check_finite_metric(values: Tensor, what: str) -> Tensor:
         raise InputError(f"The metric is not finite {what} (rows {bad[:5]}): "
                          f"{values.tolist()[:8]}.")
     return values
+
+
+def check_batch(model, x: Any, name: str = "images") -> Tensor:
+    """``x`` must be a valid image batch for ``model`` (`HookedViT.check_images`: a float
+    tensor ``[B, C, H, W]`` of the model's dtype and size, finite) with at least one image."""
+    model.check_images(x)
+    if x.shape[0] == 0:
+        raise InputError(f"{name} is empty (0 images); pass at least one image.")
+    return x
+
+
+def broadcast_images(images: Tensor, given: Any, name: str) -> Tensor:
+    """``given``, an image tensor ``[C, H, W]`` or ``[1 or B, C, H, W]`` of the images' dtype
+    (a baseline, a start image), finite, broadcast to ``images`` ``[B, C, H, W]``; else an
+    `InputError` naming ``name``."""
+    if not isinstance(given, Tensor):
+        raise InputError(f"{name} must be a normalised image tensor, got {type(given).__name__}.")
+    g = given[None] if given.ndim == 3 else given
+    if g.ndim != 4 or g.shape[1:] != images.shape[1:] or g.shape[0] not in (1, images.shape[0]):
+        raise InputError(f"{name} has shape {tuple(given.shape)}; it must be [C, H, W], "
+                         f"[1, C, H, W] or [batch, C, H, W] matching images {tuple(images.shape)}.")
+    if g.dtype != images.dtype:
+        raise InputError(f"{name} is {g.dtype} but the images are {images.dtype}; convert it "
+                         f"with .to({images.dtype}).")
+    if not torch.isfinite(g).all():
+        raise InputError(f"{name} contains NaN or infinite values.")
+    return g.to(images.device).expand_as(images)

@@ -26,7 +26,7 @@ from patchlens.errors import InputError
 from patchlens.metrics import check_metric_batch
 from patchlens.model.capture import Capture, differentiable_input
 from patchlens.model.hooks import HookSpec, required_options
-from patchlens.patching.checks import check_metric_values
+from patchlens.patching.checks import check_batch, check_metric_values
 from patchlens.patching.interventions import Custom, Gather, Intervention, as_intervention
 from patchlens.patching.sites import ResolvedSite, Site
 
@@ -86,12 +86,14 @@ class _Plan:
 def parse_bytes(budget: str | int | float) -> int:
     """``"4GB"``, ``"512MB"``, ``2e9`` -> bytes."""
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        if not budget > 0:
+        if not 0 < budget < float("inf"):
             raise InputError(f"memory_budget must be > 0 bytes, got {budget!r}.")
         return int(budget)
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", str(budget), flags=re.IGNORECASE)
-    if not m:
-        raise InputError(f"Cannot read memory budget {budget!r}; use e.g. '4GB' or '512MB'.")
+    m = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([KMGT]?)i?B?\s*", str(budget),
+                     flags=re.IGNORECASE)
+    if not m or not float(m.group(1)) > 0:
+        raise InputError(f"Cannot read memory budget {budget!r}; use e.g. '4GB' or '512MB' "
+                         "(more than 0 bytes).")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 
@@ -223,7 +225,7 @@ def _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_siz
 
     explicit = any(rs.spec.has_key_axis for pairs in resolved for rs, _, _ in pairs)
     if batch_size is None:
-        budget = parse_bytes(memory_budget or "2GB")
+        budget = parse_bytes("2GB" if memory_budget is None else memory_budget)
         rows = max(b, budget // max(1, bytes_per_row(model, layout.n_tokens, explicit)))
         if x.device.type == "cpu":  # measured: chunks beyond ~64 rows run slower per row on CPU
             rows = max(b, min(rows, CPU_MAX_ROWS))
@@ -253,7 +255,10 @@ def _reference_activations(model, resolved, target_batch: int, batch_size: int |
     for key, hooks in hooks_by_iv.items():
         iv = ivs[key]
         ref = iv.reference
-        model.check_images(ref)
+        try:
+            model.check_images(ref)
+        except InputError as e:
+            raise InputError(f"The reference images of {iv!r}: {e}") from None
         specs = {h: model.hook_spec(h) for h in hooks}
         acts = _run_and_keep(model, ref, sorted(hooks), batch_size or 64)
         out[key] = iv.prepare(acts, target_batch, specs)
@@ -506,7 +511,7 @@ def capture(model, x: Tensor, hooks: Sequence[str], metric: Metric | None = None
     hooks += [h for h in grad_hooks if h not in hooks]
     if grad_hooks and metric is None:
         raise InputError("capture(..., grads=...) needs a metric to differentiate.")
-    model.check_images(x)
+    check_batch(model, x, "x")
     step = x.shape[0] if batch_size is None else batch_size
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}.")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from patchlens.checks import check_int, check_number
 from patchlens.errors import InputError
 from patchlens.model.hooks import HookSpec
 
@@ -111,7 +112,7 @@ class Interchange(Intervention):
     batch (or a single image used for every target)."""
 
     def __init__(self, source: Tensor, name: str = "source"):
-        self.reference = source
+        self.reference = _images(source, "Interchange source")
         self.name = name
 
     def prepare(self, acts, target_batch, specs):
@@ -161,9 +162,9 @@ class Mean(Intervention):
     (``per_token=True``) or pooled over all tokens (``per_token=False``)."""
 
     def __init__(self, reference: Tensor, per_token: bool = True):
+        self.reference = _images(reference, "Mean reference")
         if reference.shape[0] == 0:
             raise InputError("Mean needs at least one reference image.")
-        self.reference = reference
         self.per_token = per_token
 
     def prepare(self, acts, target_batch, specs):
@@ -188,10 +189,10 @@ class Resample(Intervention):
     one draw per target row, reproducible with ``seed``."""
 
     def __init__(self, reference: Tensor, seed: int = 0):
+        self.reference = _images(reference, "Resample reference")
         if reference.shape[0] == 0:
             raise InputError("Resample needs at least one reference image.")
-        self.reference = reference
-        self.seed = seed
+        self.seed = check_int(f"{type(self).__name__} seed", seed)
 
     def values(self, act, where, source):
         g = torch.Generator().manual_seed(self.seed)
@@ -206,9 +207,8 @@ class Noise(Intervention):
     """Add Gaussian noise of standard deviation ``std`` (seeded)."""
 
     def __init__(self, std: float, seed: int = 0):
-        if not std >= 0:
-            raise InputError(f"Noise std must be >= 0, got {std}.")
-        self.std, self.seed = float(std), seed
+        self.std = check_number("Noise std", std, 0.0)
+        self.seed = check_int(f"{type(self).__name__} seed", seed)
 
     def values(self, act, where, source):
         g = torch.Generator().manual_seed(self.seed)
@@ -224,10 +224,16 @@ class Add(Intervention):
     last axes (e.g. ``[d_model]``)."""
 
     def __init__(self, direction: Tensor, scale: float = 1.0):
-        direction = torch.as_tensor(direction)
+        try:
+            direction = torch.as_tensor(direction)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"Add takes a direction tensor [..., d], got {direction!r}.") from None
+        if not (direction.is_floating_point() and direction.ndim >= 1):
+            raise InputError(f"The steering direction must be a float tensor [..., d], got "
+                             f"dtype {direction.dtype} shape {tuple(direction.shape)}.")
         if not torch.isfinite(direction).all():
             raise InputError("The steering direction contains NaN or infinite values.")
-        self.direction, self.scale = direction, float(scale)
+        self.direction, self.scale = direction, check_number("Add scale", scale)
 
     def values(self, act, where, source):
         d = self.direction.to(act.device, act.dtype)
@@ -245,7 +251,7 @@ class Scale(Intervention):
     """Multiply the activation by ``alpha``."""
 
     def __init__(self, alpha: float):
-        self.alpha = float(alpha)
+        self.alpha = check_number("Scale alpha", alpha)
 
     def values(self, act, where, source):
         return act * self.alpha
@@ -298,6 +304,16 @@ class PerVariant(Intervention):
 
     def __repr__(self) -> str:
         return f"PerVariant({', '.join(self.by_hook)})"
+
+
+def _images(x: Any, what: str) -> Tensor:
+    """A reference batch must be an image tensor ``[n, C, H, W]`` (checked against the model
+    when the engine runs it)."""
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise InputError(f"{what} must be a batch of normalised images [n, C, H, W] "
+                         f"(model.preprocess), got {got}; add a batch axis with x[None].")
+    return x
 
 
 def as_intervention(obj: Any) -> Intervention:

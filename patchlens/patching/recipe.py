@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -39,6 +40,11 @@ class Recipe:
     """
 
     def __init__(self, pairs: Iterable[tuple[Site, Any]] = (), name: str = ""):
+        pairs = list(pairs)
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Site)):
+                raise InputError(f"A recipe's pairs are (Site, intervention) tuples; got "
+                                 f"{pair!r}. Write Site('resid_pre', layers=3) for a hook name.")
         self.pairs = [(s, as_intervention(iv)) for s, iv in pairs]
         self.name = name or " + ".join(f"{iv!r}@{s!r}" for s, iv in self.pairs)
 
@@ -62,7 +68,7 @@ class Recipe:
         bad = set(axes) - set(AXIS_NAMES)
         if bad:
             raise InputError(f"Recipes vary {sorted(AXIS_NAMES)}, got {sorted(bad)}.")
-        values = {k: list(v) for k, v in axes.items()}
+        values = {k: _values(k, v) for k, v in axes.items()}
         for k, v in values.items():
             if not v:
                 raise InputError(f"The sweep over {k} is empty.")
@@ -77,7 +83,13 @@ class Recipe:
               **kwargs: Any) -> PatchResult:
         """Run the recipe for every combination of ``layers=``, ``tokens=``, ``heads=`` values
         and return the metric as a `PatchResult` (averaged over the target images)."""
-        axes = {k: kwargs.pop(k) for k in list(kwargs) if k in AXIS_NAMES}
+        axes = {k: _values(k, kwargs.pop(k)) for k in list(kwargs) if k in AXIS_NAMES}
+        engine = set(inspect.signature(run_variants).parameters) - {"model", "x", "variants",
+                                                                    "metric"}
+        unknown = sorted(set(kwargs) - engine)
+        if unknown:
+            raise InputError(f"sweep varies {sorted(AXIS_NAMES)} and passes {sorted(engine)} to "
+                             f"the engine; got {unknown}.")
         variants = self.variants(**axes)
         res = run_variants(model, x, variants, metric=metric, **kwargs)
         shape = [len(list(v)) for v in axes.values()]
@@ -90,3 +102,11 @@ class Recipe:
             return PatchResult(per_example.mean(-1), names, lab, per_example=per_example,
                                coords=coords, layout=model.layout_for(tuple(x.shape[-2:])),
                                meta={"recipe": self.name})
+
+
+def _values(axis: str, values: Any) -> list:
+    """The values a sweep takes along ``axis``, as a list (a generator is read once)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise InputError(f"The sweep over {axis} takes a list of values (one per variant), got "
+                         f"{values!r}; e.g. {axis}=[{values!r}] for a single value.")
+    return list(values)

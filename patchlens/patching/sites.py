@@ -99,6 +99,9 @@ class Site:
     # ------------------------------------------------------------------------------------------
     def hook_names(self, model) -> list[tuple[str, int | None]]:
         """The full hook names this site covers, with their layers (from the hook schema)."""
+        if not isinstance(self.hook, str):
+            raise InputError(f"A Site's hook is a name (short, e.g. 'resid_pre', or full, e.g. "
+                             f"'blocks.3.hook_resid_pre'), got {self.hook!r}.")
         aliases = model.hook_aliases
         if self.hook in aliases:
             by_layer = aliases[self.hook]
@@ -174,6 +177,10 @@ def resolve_layers(layers: LayerSelector, n_layers: int) -> list[int]:
         raise InputError(f"layers must be an int, list, range or 'all', got {layers!r}.")
     if isinstance(layers, int):
         layers = [layers]
+    if isinstance(layers, Tensor):
+        layers = _int_tensor(layers, "layers")
+    if not isinstance(layers, (list, tuple, range)):
+        raise InputError(f"layers must be an int, list, range or 'all', got {layers!r}.")
     out = []
     for layer in layers:
         if isinstance(layer, bool) or not isinstance(layer, int):
@@ -187,12 +194,26 @@ def resolve_layers(layers: LayerSelector, n_layers: int) -> list[int]:
     return sorted(set(out))
 
 
+def _int_tensor(t: Tensor, what: str) -> list[int]:
+    """A 0-d or 1-D integer tensor as a list of ints (float, bool and 2-D tensors refused)."""
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.ndim > 1:
+        raise InputError(f"{what} must be ints or a 1-D integer tensor, got dtype {t.dtype} "
+                         f"shape {tuple(t.shape)}.")
+    return [int(v) for v in t.flatten()]
+
+
 def resolve_heads(heads: int | Sequence[int], n_heads: int) -> Tensor:
+    if isinstance(heads, Tensor):
+        heads = _int_tensor(heads, "heads")
+    elif not isinstance(heads, (int, list, tuple, range)):
+        raise InputError(f"heads must be an int or a list of ints, got {heads!r}.")
     hs = [heads] if isinstance(heads, int) else list(heads)
     if not hs:
         raise InputError("The head selection is empty; pass at least one head.")
     for h in hs:
-        if isinstance(h, bool) or not isinstance(h, int) or not -n_heads <= h < n_heads:
+        if isinstance(h, bool) or not isinstance(h, int):
+            raise InputError(f"Head indices must be ints, got {h!r} in heads={_short(heads)}.")
+        if not -n_heads <= h < n_heads:
             raise InputError(f"Head {h!r} is out of range: the model has {n_heads} heads (0..{n_heads - 1}).")
     return torch.tensor(sorted({h % n_heads for h in hs}), dtype=torch.long)
 

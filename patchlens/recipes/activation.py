@@ -27,6 +27,7 @@ from patchlens.patching.interventions import Interchange
 from patchlens.patching.recipe import Recipe
 from patchlens.patching.results import PatchResult
 from patchlens.patching.sites import (
+    Rect,
     ResolvedSite,
     Site,
     resolve_heads,
@@ -94,7 +95,7 @@ def activation_patching(
         the patched metric (normalised recovery with a `recovery` metric); for
         ``method="attribution"`` its first-order estimate.
     """
-    site = _validate(model, clean, corrupted, site, per, direction, method, diagnose)
+    site = _validate(model, clean, corrupted, site, per, direction, method, diagnose, regions)
     target, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     m_clean, m_corrupted = baseline_metrics(model, clean, corrupted, metric)
     sweep = _plan(model, site, per, layers, tokens, heads, regions, source, direction,
@@ -127,15 +128,18 @@ def activation_patching(
 
 
 # ---- steps --------------------------------------------------------------------------------------
-def _validate(model, clean, corrupted, site, per, direction, method, diagnose) -> str:
+def _validate(model, clean, corrupted, site, per, direction, method, diagnose, regions) -> str:
     check_pair(model, clean, corrupted)
     check_choice("direction", direction, ("denoising", "noising"))
     check_choice("method", method, ("exact", "attribution"))
     check_choice("per", per, PERS)
     check_reference(diagnose)
+    if regions is not None and per != "region":
+        raise InputError(f"regions= is only used with per='region' (got per={per!r}); pass "
+                         "per='region' to sweep over the regions.")
     if site is not None and not isinstance(site, str):
         raise InputError(f"site must be a hook name (short or full), got {site!r}.")
-    return site or ("z" if per in ("head", "head_token") else "resid_pre")
+    return site if site is not None else ("z" if per in ("head", "head_token") else "resid_pre")
 
 
 def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, direction,
@@ -164,11 +168,7 @@ def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, di
         tok_list = list(range(layout.n_tokens)) if tok is None else tok.tolist()
         axes["tokens"], labels["token"] = tok_list, [layout.label(t) for t in tok_list]
     elif per == "region":
-        if not regions:
-            raise InputError("per='region' needs regions=: a dict name -> boolean patch-grid "
-                             "mask (or a list of masks).")
-        named = regions if isinstance(regions, dict) else {f"region{i}": r
-                                                          for i, r in enumerate(regions)}
+        named = _regions(regions, layout)
         axes["tokens"], labels["region"] = list(named.values()), list(named)
     else:
         fixed["tokens"] = tokens
@@ -192,6 +192,32 @@ def _assemble(model, sweep: _Sweep, per_variant: Tensor, target, m_clean, m_corr
         layout=model.layout_for(tuple(target.shape[-2:])), image=model.to_image(target[0]),
         meta={"recipe": "activation patching", **meta, "baseline": m_target.mean().item()},
     )
+
+
+def _regions(regions, layout) -> dict[str, Any]:
+    """``regions=`` (a dict name -> mask, a list of masks or a bool tensor ``[R, gh, gw]``) as
+    named boolean patch-grid masks or `Rect` objects, each checked against the grid."""
+    if isinstance(regions, Tensor) and regions.ndim == 3:
+        regions = list(regions)
+    if regions is None or (isinstance(regions, (dict, list, tuple)) and len(regions) == 0):
+        raise InputError("per='region' needs regions=: a dict name -> boolean patch-grid "
+                         f"mask {tuple(layout.grid)} (or a list of masks).")
+    if not isinstance(regions, (dict, list, tuple)):
+        raise InputError(f"regions must be a dict name -> mask, a list of masks or a bool "
+                         f"tensor [R, grid_h, grid_w], got {type(regions).__name__}.")
+    named = regions if isinstance(regions, dict) else {f"region{i}": r
+                                                      for i, r in enumerate(regions)}
+    for name, mask in named.items():
+        if not isinstance(mask, Rect) and not (isinstance(mask, Tensor) and mask.dtype == torch.bool
+                                               and tuple(mask.shape) == tuple(layout.grid)):
+            got = (f"dtype {mask.dtype} shape {tuple(mask.shape)}" if isinstance(mask, Tensor)
+                   else type(mask).__name__)
+            raise InputError(
+                f"regions[{name!r}] must be a boolean patch-grid mask of shape "
+                f"{tuple(layout.grid)} or a Rect, got {got}; build one with torch.zeros(*grid, "
+                "dtype=torch.bool) and set the region's cells to True (a 0/1 mask: mask.bool())."
+            )
+    return dict(named)
 
 
 # ---- attribution patching -----------------------------------------------------------------------

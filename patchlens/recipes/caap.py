@@ -21,9 +21,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from patchlens import metrics as M
+from patchlens.checks import check_int
 from patchlens.errors import InputError
 from patchlens.model.preprocess import blur, from_pixels
 from patchlens.patching.attribution_map import AttributionMap, map_dtype, resolve_target
+from patchlens.patching.checks import check_batch
 from patchlens.patching.engine import Variant, capture, run_variants
 from patchlens.patching.interventions import Mean, Stored
 from patchlens.patching.sites import Rect, Site
@@ -89,7 +91,8 @@ def caap(
         `AttributionMap` with ``values [batch, grid_h, grid_w]`` = score(patched) - score(context);
         ``meta`` has the context score ``[batch]`` and the score on the images themselves.
     """
-    model.check_images(images)
+    check_batch(model, images, "images")
+    seed = check_int("seed", seed)
     x = images
     b = x.shape[0]
     n = model.cfg.n_layers

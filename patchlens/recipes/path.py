@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from patchlens.checks import check_bool
 from patchlens.errors import InputError
 from patchlens.metrics import Recovery, base_metric, metric_name, recovery_denominator
 from patchlens.patching.engine import Variant, run_variants
@@ -142,7 +143,7 @@ def path_patching(
         `PatchResult` of effects ``m_patched - m_unpatched`` (the run's own baseline).
     """
     senders, receivers = _validate(model, clean, corrupted, senders, receivers, direction, mlps,
-                                   combine, diagnose)
+                                   combine, diagnose, normalize)
     target, other = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     m_clean, m_corrupted = baseline_metrics(model, clean, corrupted, metric)
     m_base = m_clean if direction == "noising" else m_corrupted
@@ -169,8 +170,12 @@ def path_patching(
     return result
 
 
-def _validate(model, clean, corrupted, senders, receivers, direction, mlps, combine, diagnose):
+def _validate(model, clean, corrupted, senders, receivers, direction, mlps, combine, diagnose,
+              normalize):
     check_pair(model, clean, corrupted)
+    for what, nodes in (("senders", senders), ("receivers", receivers)):
+        if not isinstance(nodes, (Node, list, tuple)):
+            raise InputError(f"{what} must be a Node or a list of Nodes, got {nodes!r}.")
     senders = [senders] if isinstance(senders, Node) else list(senders)
     receivers = [receivers] if isinstance(receivers, Node) else list(receivers)
     if not senders or not receivers:
@@ -188,6 +193,7 @@ def _validate(model, clean, corrupted, senders, receivers, direction, mlps, comb
     check_choice("mlps", mlps, ("frozen", "recompute"))
     check_choice("combine", combine, ("joint", "separate"))
     check_reference(diagnose)
+    check_bool("normalize", normalize)
     return senders, receivers
 
 
