@@ -272,3 +272,7 @@ _register_run()
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m patchlens.cli ...
+    main()

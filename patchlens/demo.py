@@ -181,7 +181,8 @@ def _attribution_section(model, clean, pred, clean_img, report) -> list[dict]:
     rows = []
     step = max(1, model.layout.n_patches // 16)  # 16 deletion / insertion steps
     for name in ("caap", "chefer", "rollout"):
-        amap = METHODS[name](model, clean, target=pred)
+        kw = {"progress": False} if name == "caap" else {}  # the demo prints its own steps
+        amap = METHODS[name](model, clean, target=pred, **kw)
         rows.append({"method": name,
                      "deletion": float(deletion(model, clean, amap, target=pred, step=step).mean()),
                      "insertion": float(insertion(model, clean, amap, target=pred, step=step).mean())})

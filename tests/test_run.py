@@ -372,6 +372,18 @@ def test_resume_refuses_another_model_recipe_or_dataset(tmp_path):
         dataset(_logits, str(tmp_path / "b"), tmp_path / "p", model=m, **kw)
 
 
+def test_fingerprint_describes_values_not_identities():
+    from patchlens.run.fingerprint import describe
+
+    logit = patchlens.metrics.logit
+    assert describe(logit(torch.tensor([1, 2]))) == describe(logit(torch.tensor([1, 2])))
+    assert describe(logit(torch.tensor([1, 2]))) != describe(logit(torch.tensor([1, 3])))
+    assert describe(per_batch(lambda b: b)) == describe(per_batch(lambda b: b))
+    a, b = values(patchlens.caap, layers=(0, 2)), values(patchlens.caap, layers=(0, 2), progress=False)
+    assert describe(a) == describe(b) != describe(values(patchlens.caap, layers=(1, 2)))
+    assert "0x" not in json.dumps(describe({"m": torch.nn, "f": describe}))
+
+
 def test_resume_in_another_environment_warns(tmp_path):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     m, out = _tiny_model(), tmp_path / "r"

@@ -33,7 +33,7 @@ from patchlens.run.fingerprint import (
 )
 from patchlens.run.inputs import as_items, collate, load_model
 from patchlens.run.launch import all_reduce, barrier, get_state, watch_launcher
-from patchlens.run.lock import RunLock, RunLockedError
+from patchlens.run.lock import RunLock
 from patchlens.run.progress import Progress
 
 
@@ -171,29 +171,33 @@ def dataset(
     lock = RunLock(out) if state.is_main_process else None
     try:
         _lock_all(state, lock, out)
-        return _run(recipe_fn, items, out, model, state, name, fp, env, batch_size, shard_size,
-                    resume, progress, verify, transform, verbose)
+        return _run(recipe_fn, items, out, model, state, name=name, fp=fp, env=env,
+                    batch_size=batch_size, shard_size=shard_size, resume=resume,
+                    progress=progress, verify=verify, transform=transform, verbose=verbose)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _lock_all(state, lock: RunLock | None, out: Path) -> None:
-    """The main process takes the directory's lock; every process raises if it could not."""
+    """The main process takes the directory's lock; every process raises if it could not (so
+    no rank waits forever for a main process that gave up)."""
     err = None
     if lock is not None:
         try:
             lock.acquire()
-        except RunLockedError as e:
+        except Exception as e:  # RunLockedError, or an OSError creating the directory
             err = e
     (failed,) = all_reduce(state, [1.0 if err is not None else 0.0], "max")
     if failed:
-        raise err or RunLockedError(f"{out} is being written by another process (see the main "
-                                    "process's error); wait for it or pass another out_dir.")
+        raise err or InputError(f"The main process could not take the lock of {out} (see its "
+                                "error); nothing was computed.")
 
 
-def _run(recipe_fn, items, out, model, state, name, fp, env, batch_size, shard_size, resume,
-         progress, verify, transform, verbose) -> RunSummary:
+def _run(recipe_fn, items, out: Path, model, state, *, name: str, fp: dict, env: dict,
+         batch_size: int, shard_size: int, resume: bool, progress: bool | None, verify: bool,
+         transform, verbose: bool) -> RunSummary:
+    """Check the manifest, plan this process's shards, compute them, write the index."""
     n, rank, world = len(items), state.process_index, state.num_processes
     total = S.n_shards(n, shard_size)
     # every process checks the manifest (so all raise alike); the main process prepares the dir

@@ -12,6 +12,7 @@ Two records:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -56,9 +57,9 @@ def qualname(fn: Any) -> str:
 
 def describe(obj: Any, _depth: int = 0) -> Any:
     """A JSON-able description of ``obj`` that identifies its value: tensors and arrays by
-    dtype, shape and SHA-256 of their bytes, functions by qualified name (not their code),
-    containers element-wise, other objects by type and repr (type only when the repr holds a
-    memory address)."""
+    dtype, shape and SHA-256 of their bytes, functions by qualified name (not their code) and
+    the values their closure captured, containers and dataclasses element-wise, modules by
+    type, other objects by type and repr (type only when the repr holds a memory address)."""
     if _depth > 20:
         return "..."
     d = _depth + 1
@@ -92,8 +93,25 @@ def describe(obj: Any, _depth: int = 0) -> Any:
     if isinstance(obj, functools.partial):
         return {"partial": describe(obj.func, d), "args": describe(obj.args, d),
                 "kwargs": describe(obj.keywords, d)}
+    if isinstance(obj, types.FunctionType) and (obj.__closure__ or obj.__defaults__):
+        # a closure is identified by what it captured too (e.g. the labels of a metric)
+        cells = []
+        for c in obj.__closure__ or ():
+            try:
+                cells.append(describe(c.cell_contents, d))
+            except ValueError:  # an empty cell
+                cells.append(None)
+        return {"function": qualname(obj), "closure": cells,
+                "defaults": describe(obj.__defaults__, d)}
     if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)):
         return qualname(obj)
+    if isinstance(obj, types.ModuleType):
+        return f"module {obj.__name__}"
+    if isinstance(obj, torch.nn.Module):  # a model captured by a closure: its type
+        return qualname(obj)
+    if dataclasses.is_dataclass(obj):  # e.g. metrics: their fields (a closure's labels)
+        return {"object": qualname(obj), "fields": {f.name: describe(getattr(obj, f.name), d)
+                                                    for f in dataclasses.fields(obj)}}
     r = repr(obj)
     if " at 0x" in r or len(r) > 2000:
         return qualname(obj)
@@ -170,15 +188,32 @@ def check_fingerprint(stored: dict[str, Any], current: dict[str, Any], out_dir: 
     diff = [k for k in ("model", "recipe", "data") if stored.get(k) != current.get(k)]
     if not diff:
         return
-    what = "; ".join(f"{_WHAT[k]} ({k}: stored {_short(stored.get(k))}, now "
-                     f"{_short(current.get(k))})" for k in diff)
+    what = "; ".join(f"{_WHAT[k]} ({', '.join(differences(stored.get(k), current.get(k), k))})"
+                     for k in diff)
     raise InputError(
         f"{out_dir} holds results of a different run: this call uses {what}. Resuming would mix "
         "the two runs' results. Use another out_dir (--out), or pass resume=False "
         "(--no-resume) to delete the finished shards and recompute everything.")
 
 
-def _short(v: Any, n: int = 120) -> str:
+def differences(a: Any, b: Any, path: str, limit: int = 3) -> list[str]:
+    """``["path.key: stored -> now", ...]`` for the first ``limit`` differing leaves."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, p: str) -> None:
+        if len(out) >= limit or x == y:
+            return
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{p}.{k}")
+        else:
+            out.append(f"{p}: {_short(x)} -> {_short(y)}")
+
+    walk(a, b, path)
+    return out
+
+
+def _short(v: Any, n: int = 80) -> str:
     s = json.dumps(v, sort_keys=True, default=str)
     return s if len(s) <= n else s[: n - 3] + "..."
 
