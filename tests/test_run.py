@@ -443,6 +443,18 @@ def _alive_ranks(pids: list[int]) -> list[int]:
     return [p for p in pids if L.pid_alive(p)]
 
 
+def test_watchdog_only_under_a_launcher(monkeypatch):
+    from patchlens.run.launch import LAUNCHER_ENV, launched_by_launcher
+
+    for k in (*LAUNCHER_ENV, "PATCHLENS_WATCH_LAUNCHER"):
+        monkeypatch.delenv(k, raising=False)
+    assert not launched_by_launcher()  # a plain process (e.g. under nohup) keeps running
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launched_by_launcher()
+    monkeypatch.setenv("PATCHLENS_WATCH_LAUNCHER", "0")
+    assert not launched_by_launcher()
+
+
 def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
     """SIGKILL of `accelerate launch`: both ranks (in their own sessions, idle) exit within
     a few seconds, by their launcher watchdog."""

@@ -100,9 +100,8 @@ def watch_launcher(interval: float = 0.5) -> bool:
             return True
         if not launched_by_launcher():
             return False
+        # (pid 1 may be the launcher itself in a container, so a parent of 1 proves nothing)
         parent = os.getppid()
-        if parent == 1:  # re-parented to init before we got here: the launcher is gone already
-            _launcher_died(parent)
 
         def poll() -> None:
             while True:
