@@ -1,11 +1,7 @@
-"""The import graph of a package, read from its source with `ast` (nothing is imported), and its
-cycles. For tests: ``assert find_cycles(import_graph(root, "patchlens")) == []``.
+"""The import graph of a package, read from its source with `ast` (no code is run).
 
-An edge ``a -> b`` means module ``a`` imports module ``b`` somewhere (at the top or inside a
-function: a lazy import only hides a cycle), except under ``if TYPE_CHECKING:``, which never
-runs. ``from pkg import name`` is an edge to ``pkg.name`` when that is a module of the package,
-else to ``pkg``. The implicit import of a parent package's ``__init__`` is not an edge (every
-submodule would otherwise depend on its package).
+Every ``import`` statement counts, also those inside functions: a lazy import hides a cycle
+from Python's loader but not from the reader, and the architecture keeps its arrows one-way.
 """
 
 from __future__ import annotations
@@ -14,146 +10,90 @@ import ast
 from pathlib import Path
 
 
-def module_files(root: Path, package: str) -> dict[str, Path]:
-    """``{module name: file}`` of every ``.py`` file under the package directory ``root``."""
-    root = Path(root)
-    out = {}
-    for f in sorted(root.rglob("*.py")):
-        parts = list(f.relative_to(root).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        out[".".join([package, *parts])] = f
-    return out
+def module_name(path: Path, root: Path, package: str) -> str:
+    rel = path.relative_to(root).with_suffix("")
+    parts = [package, *rel.parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
-
-
-def _imports(tree: ast.AST):
-    """Import nodes of a module, skipping ``if TYPE_CHECKING:`` bodies."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
-                stack.extend(child.orelse)
-                continue
-            if isinstance(child, (ast.Import, ast.ImportFrom)):
-                yield child
-            stack.append(child)
-
-
-def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
-    if not node.level:
-        return node.module or ""
-    base = module.split(".") if is_package else module.split(".")[:-1]
-    base = base[: len(base) - (node.level - 1)]
-    return ".".join(base + ([node.module] if node.module else []))
-
-
-def import_graph(root: Path, package: str) -> dict[str, set[str]]:
-    """``{module: {modules of the same package it imports}}`` for the package in ``root``."""
-    files = module_files(root, package)
-    graph: dict[str, set[str]] = {m: set() for m in files}
-    for mod, path in files.items():
-        is_package = path.name == "__init__.py"
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for node in _imports(tree):
-            targets = []
+def import_graph(package_dir: Path, package: str) -> dict[str, set[str]]:
+    """``module -> modules of the package it imports`` (``from a import b`` counts ``a.b`` when
+    that is a module, else ``a``). Importing a package's ``__init__`` counts as an edge to it."""
+    modules = {module_name(p, package_dir, package): p for p in package_dir.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        is_pkg = path.name == "__init__.py"
+        base_parts = mod.split(".") if is_pkg else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
-            else:
-                src = _resolve(mod, is_package, node)
-                for a in node.names:
-                    sub = f"{src}.{a.name}"
-                    targets.append(sub if sub in files else src)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    up = base_parts[: len(base_parts) - (node.level - 1)]
+                    src = ".".join(up + ([node.module] if node.module else []))
+                else:
+                    src = node.module or ""
+                targets = [f"{src}.{a.name}" if f"{src}.{a.name}" in modules else src
+                           for a in node.names]
             for t in targets:
-                # `import a.b.c` runs a.b.c: the deepest module of the package it names
-                while t and t not in files and "." in t:
-                    t = t.rsplit(".", 1)[0]
-                if t in files and t != mod:
+                while t and t not in modules:
+                    t = t.rpartition(".")[0]
+                if t and t != mod:
                     graph[mod].add(t)
     return graph
 
 
-def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The import cycles: every strongly connected component with more than one module, as a
-    sorted list of module names (Tarjan's algorithm, iterative)."""
+def cycles(graph: dict[str, set[str]], ignore_parents: bool = True) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan). With
+    ``ignore_parents``, edges from a module to a package that contains it are dropped (a
+    submodule importing its own package's ``__init__`` re-exports is not an architectural
+    arrow)."""
+    g = {m: {t for t in ts if not (ignore_parents and m.startswith(t + "."))}
+         for m, ts in graph.items()}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
-    on_stack: set[str] = set()
     stack: list[str] = []
+    on: set[str] = set()
     out: list[list[str]] = []
-    counter = 0
-    for start in sorted(graph):
-        if start in index:
-            continue
-        work = [(start, iter(sorted(graph[start])))]
-        index[start] = low[start] = counter
-        counter += 1
-        stack.append(start)
-        on_stack.add(start)
-        while work:
-            v, it = work[-1]
-            w = next(it, None)
-            if w is not None:
-                if w not in graph:
-                    continue
-                if w not in index:
-                    index[w] = low[w] = counter
-                    counter += 1
-                    stack.append(w)
-                    on_stack.add(w)
-                    work.append((w, iter(sorted(graph[w]))))
-                elif w in on_stack:
-                    low[v] = min(low[v], index[w])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[v])
-            if low[v] == index[v]:
-                comp = []
-                while True:
-                    w = stack.pop()
-                    on_stack.discard(w)
-                    comp.append(w)
-                    if w == v:
-                        break
-                if len(comp) > 1:
-                    out.append(sorted(comp))
-    return sorted(out)
+    counter = [0]
 
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in g.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
 
-def cycle_path(graph: dict[str, set[str]], component: list[str]) -> list[str]:
-    """One concrete cycle ``[a, b, ..., a]`` through a strongly connected component (for
-    readable failure messages)."""
-    members = set(component)
-    start = component[0]
-    prev: dict[str, str] = {}
-    queue, seen = [start], {start}
-    while queue:
-        v = queue.pop(0)
-        for w in sorted(graph[v] & members):
-            if w == start:
-                path = [v]
-                while path[-1] != start:
-                    path.append(prev[path[-1]])
-                return [*reversed(path), start]
-            if w not in seen:
-                seen.add(w)
-                prev[w] = v
-                queue.append(w)
-    return component
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return out
 
 
 def collapse(graph: dict[str, set[str]], depth: int) -> dict[str, set[str]]:
     """The graph between packages: every module is replaced by its first ``depth`` name parts
     (``depth=2``: ``patchlens.recipes.caap`` -> ``patchlens.recipes``); edges inside one
-    package disappear. ``find_cycles(collapse(g, 2))`` finds cycles between subpackages, e.g.
-    ``recipes -> attribution -> recipes`` through different modules."""
+    package disappear. ``cycles(collapse(g, 2))`` finds cycles between subpackages that no
+    single pair of modules shows, e.g. ``recipes -> attribution -> recipes`` through different
+    modules."""
     def top(m: str) -> str:
         return ".".join(m.split(".")[:depth])
 

@@ -20,10 +20,9 @@ import torch
 from torch import Tensor
 
 from patchlens.errors import InputError, close_matches
+from patchlens.model.hooks import HookSpec
 
 NEURON_SAMPLES = 1000  # reservoir per layer and class for neuron quantiles
-_NO_TOKEN_AXIS = ("hook_pooled", "hook_pooled_dist", "hook_logits", "hook_image_embed",
-                  "hook_normalized_embed")
 
 
 def fingerprint(model) -> dict[str, str]:
@@ -40,9 +39,9 @@ def fingerprint(model) -> dict[str, str]:
             "shape": f"{cfg.n_layers}x{cfg.d_model}x{cfg.d_mlp}"}
 
 
-def token_classes(hook: str, n_prefix: int, n_tokens: int) -> dict[str, Tensor | None]:
+def token_classes(spec: HookSpec, n_prefix: int, n_tokens: int) -> dict[str, Tensor | None]:
     """Token indices of each class at a hook (None: the hook has no token axis)."""
-    if hook in _NO_TOKEN_AXIS:
+    if spec.token_axis is None:
         return {"all": None}
     out = {}
     if n_prefix:
@@ -51,20 +50,19 @@ def token_classes(hook: str, n_prefix: int, n_tokens: int) -> dict[str, Tensor |
     return out
 
 
-def class_of(token: int, n_prefix: int) -> str:
-    return "prefix" if token < n_prefix else "patches"
-
-
-def vectors(act: Tensor, hook: str) -> Tensor:
-    """A hook activation as ``[batch, tokens, D]`` (head axes flattened; ``[batch, 1, D]``
-    for hooks without a token axis)."""
-    if hook.endswith(("hook_pattern", "hook_attn_scores")):
+def vectors(act: Tensor, spec: HookSpec) -> Tensor:
+    """A hook activation as ``[batch, tokens, D]`` (the token axis second, every other axis
+    flattened into D; ``[batch, 1, D]`` for hooks without a token axis)."""
+    if spec.has_key_axis:
         raise InputError(
-            f"Divergence of attention patterns ({hook}) is not supported; diagnose the "
-            "attention output (attn_out, z or result) instead."
+            f"Divergence of attention scores or patterns ({spec.name}) is not supported; "
+            "diagnose the attention output (attn_out, z or result) instead."
         )
-    if hook in _NO_TOKEN_AXIS or act.ndim == 2:
+    tok = spec.token_axis
+    if tok is None:
         return act.reshape(act.shape[0], 1, -1)
+    if tok != 1:
+        act = act.movedim(tok, 1)
     return act.reshape(act.shape[0], act.shape[1], -1)
 
 
@@ -174,8 +172,9 @@ class Reference:
                 _, cache = model.run_with_cache(batch, names_filter=names, return_type=None)
                 n_images += batch.shape[0]
                 for h in hooks:
-                    v = vectors(cache[h], h).float().cpu()
-                    for c, toks in token_classes(h, layout.n_prefix, v.shape[1]).items():
+                    v = vectors(cache[h], model.hook_spec(h)).float().cpu()
+                    for c, toks in token_classes(model.hook_spec(h), layout.n_prefix,
+                                                 v.shape[1]).items():
                         rows = (v if toks is None else v[:, toks]).reshape(-1, v.shape[-1])
                         res.setdefault(h, {}).setdefault(c, _Reservoir(max_samples, gen)).add(rows)
                         acc = sums.setdefault(h, {}).setdefault(c, [0, 0.0, 0.0])
@@ -185,7 +184,8 @@ class Reference:
                         acc[2] = acc[2] + (r64 * r64).sum(0)
                 for h, l in mlp_hooks.items():
                     v = cache[h].float().cpu()
-                    for c, toks in token_classes(h, layout.n_prefix, v.shape[1]).items():
+                    for c, toks in token_classes(model.hook_spec(h), layout.n_prefix,
+                                                 v.shape[1]).items():
                         rows = v[:, toks].reshape(-1, v.shape[-1])
                         nres.setdefault(l, {}).setdefault(c, _Reservoir(NEURON_SAMPLES, gen)).add(rows)
                         m = rows.amax(0)
