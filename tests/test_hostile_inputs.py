@@ -397,6 +397,15 @@ CASES += [
 
 
 # ---- the property ------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and a busy machine does not stall a second one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ctx() -> Ctx:
     torch.manual_seed(0)

@@ -24,6 +24,15 @@ CFG = dict(d_model=32, d_head=8, n_heads=4, n_layers=3, d_mlp=64, image_size=(32
 FAST = {"rise": dict(n_masks=16, batch_size=8), "integrated_gradients": dict(n_steps=4)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast, and a busy machine does not stall a second one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _model(dtype=torch.float64, **kw) -> HookedViT:
     torch.manual_seed(0)
     return perturb_(HookedViT(ViTConfig(**{**CFG, **kw})).eval(), std=0.2).to(dtype)
@@ -313,6 +322,15 @@ def test_images_of_another_dtype_are_refused_with_advice(m64, x64):
         half(x32)
     # the model's own preprocess gives the right dtype
     assert half.preprocess(torch.rand(3, 32, 32)).dtype == torch.float16
+
+
+def test_autocast_leaves_the_dtype_to_autocast():
+    model = _model(torch.float32)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(x)).all()
+    with pytest.raises(InputError, match="bfloat16 but the model is torch.float32"):
+        model(x)
 
 
 # ---- refused: the issue's list, one by one ------------------------------------------------------
