@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 
 from patchlens.checks import all_finite
 from patchlens.errors import InputError, unknown_hook_error
+from patchlens.model.cache import ViTActivationCache
 from patchlens.model.components import AttentionPool, Block, Embed, LayerNorm, init_weights_
 from patchlens.model.config import ViTConfig
 from patchlens.model.hooks import (
@@ -28,12 +29,13 @@ from patchlens.model.hooks import (
     spec_of,
 )
 from patchlens.model.layout import TokenLayout
+from patchlens.model.weights import WeightViews
 
 ReturnType = Literal["logits", "pooled", "resid", None]
 RETURN_TYPES = ("logits", "pooled", "resid", None)
 
 
-class HookedViT(HookedRootModule):
+class HookedViT(WeightViews, HookedRootModule):
     """A ViT whose activations are all named `HookPoint`s (TransformerLens conventions).
 
     Build one from a source model with `from_timm`, `from_hf` or `from_pretrained`, or from a
@@ -186,6 +188,33 @@ class HookedViT(HookedRootModule):
         if self.head is None or self.head.bias is None:
             return self.W_U.new_zeros(self.cfg.n_classes)
         return self.head.bias
+
+    def tokens_to_residual_directions(self, tokens: Any) -> Float[Tensor, "... d_model"]:
+        """TransformerLens's name for a classifier's class directions: ``tokens`` are class
+        indices (an int or a tensor of them; a class name for a zero-shot head is refused
+        here, see below). Returns ``[*tokens.shape, d_model]``: the head's column times the
+        final norm's weight, the direction the (centred, cached-scale normalised) residual
+        stream of the token the head reads is dotted with to give the logit. Exact for
+        class-token and average pooling (then the logit is the mean over patches); refused
+        with an explanation for attention pooling, distilled heads, class-token + patch-mean
+        pooling and zero-shot heads (use ``cache.logit_attrs(..., pooled=True)``)."""
+        from patchlens.model.readout import residual_directions
+
+        return residual_directions(self, tokens)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False,
+                         include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
+        """The attention (``b_O``) and MLP (``b_out``) output biases added to the residual
+        stream before block ``layer`` (and block ``layer``'s ``b_O`` with ``mlp_input``),
+        LayerScale applied: what TransformerLens's decompositions call ``bias``."""
+        total = self.W_E.new_zeros(self.cfg.d_model)
+        for i, block in enumerate(self.blocks[: layer + int(mlp_input)]):
+            g1 = block.ls1.gamma if block.ls1 is not None else 1.0
+            total = total + block.attn.b_O * g1
+            if include_mlp_biases and i < layer:
+                g2 = block.ls2.gamma if block.ls2 is not None else 1.0
+                total = total + block.mlp.b_out * g2
+        return total
 
     # ---- forward ----------------------------------------------------------------------------
     def check_images(self, x: Tensor) -> None:
@@ -341,7 +370,9 @@ class HookedViT(HookedRootModule):
 
     def run_with_cache(self, *args: Any, names_filter=None, incl_bwd: bool = False,
                        metric: Callable[[Tensor], Tensor] | None = None, **kwargs: Any):
-        """TransformerLens ``run_with_cache``; returns ``(output, ActivationCache)``.
+        """TransformerLens ``run_with_cache``; returns ``(output, cache)``, a
+        `patchlens.model.cache.ViTActivationCache` (TransformerLens's `ActivationCache` with
+        exact residual-stream decompositions and direct logit attribution for ViTs).
 
         With ``incl_bwd=True`` the cache also holds ``name + "_grad"``: the gradient of
         ``metric(output)`` (a scalar) with respect to each cached activation, computed with
@@ -372,7 +403,7 @@ class HookedViT(HookedRootModule):
                         "metric=fn with fn(output) -> scalar (e.g. lambda lg: lg[:, 3].sum())."
                     ) from e
                 raise
-        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch)
+        return out, ViTActivationCache(cache, self, has_batch_dim=not remove_batch)
 
     def _cache_with_grads(self, args, names_filter, metric, kwargs):
         """Forward with caching hooks, then ``d metric(output) / d activation`` for each."""
