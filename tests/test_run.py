@@ -252,7 +252,8 @@ def test_adapters(tmp_path):
     direct = patchlens.activation_patching(m, clean[:2], corrupted[:2],
                                            patchlens.metrics.logit(torch.arange(2)), per="layer")
     assert res["per_example"].shape == (4, 2)
-    torch.testing.assert_close(res["per_example"][:2], direct.per_example.T)
+    torch.testing.assert_close(res["per_example"][:2], direct.per_example)
+    torch.testing.assert_close(res["baseline"][:2], direct.baseline)
     dataset(values(patchlens.caap, layers=(0, 2), progress=False), clean, tmp_path / "caap",
             model=m, batch_size=4, shard_size=4, verbose=False)
     torch.testing.assert_close(load_results(tmp_path / "caap")["values"],

@@ -86,8 +86,9 @@ def caap(
         seed: seed of the ``"noise"`` context.
 
     Returns:
-        `AttributionMap` with ``values [batch, grid_h, grid_w]`` = score(patched) - score(context);
-        ``meta`` has the context score ``[batch]`` and the score on the images themselves.
+        `AttributionMap` with ``values [batch, grid_h, grid_w]`` = score(patched) - score(context)
+        (effects), ``baseline [batch]`` the context's score (so ``patched`` = values +
+        baseline); ``meta`` also has the context score and the score on the images themselves.
     """
     model.check_images(images)
     x = images
@@ -137,7 +138,7 @@ def caap(
             "image_score": full}
     if score == "logit_diff":
         meta["second_class"] = metric.other
-    return AttributionMap(values, "caap", tgt, model.to_image(x).cpu(), meta)
+    return AttributionMap(values, "caap", tgt, model.to_image(x).cpu(), meta, baseline=base)
 
 
 # ---- checks and pieces ------------------------------------------------------------------------
