@@ -294,6 +294,10 @@ class _Collector:
         self.n_prefix = model.layout_for(tuple(target.shape[-2:])).n_prefix
         self.resolved = [[rs for site, _ in v.pairs for rs in site.resolve(model, grid)]
                          for v in variants]
+        if any(rs.per_image for rss in self.resolved for rs in rss):
+            raise InputError("Divergence diagnostics take one token selection for every image; "
+                             "a per-image selection (mask [batch, gh, gw] or a list of Rect) "
+                             "is not supported yet. Diagnose each image separately.")
         hooks = sorted({rs.hook for rss in self.resolved for rs in rss})
         for h in hooks:
             reference.check_hook(h)

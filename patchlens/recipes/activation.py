@@ -235,6 +235,16 @@ def selection_sum(values: Tensor, rs: ResolvedSite) -> Tensor:
     v = values
     for axis, idx in ((rs.spec.token_axis, rs.tokens), (rs.spec.head_axis, rs.heads),
                       (rs.spec.feature_axis, rs.features)):
-        if axis is not None and idx is not None:
-            v = v.index_select(axis, idx.to(v.device))
+        if axis is None or idx is None:
+            continue
+        idx = idx.to(v.device)
+        if idx.ndim == 1:
+            v = v.index_select(axis, idx)
+        else:  # per-image tokens [B, k]: each image's own, padding zeroed
+            shape = [v.shape[0]] + [1] * (v.ndim - 1)
+            shape[axis] = idx.shape[1]
+            v = v.gather(axis, idx.view(shape).expand(
+                *[idx.shape[1] if a == axis else n for a, n in enumerate(v.shape)]))
+            if rs.token_valid is not None:
+                v = v * rs.token_valid.to(v.device).view(shape).to(v.dtype)
     return v.reshape(v.shape[0], -1).sum(1)
