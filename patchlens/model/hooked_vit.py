@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -258,6 +259,23 @@ class HookedViT(WeightViews, HookedRootModule):
                 "activation downstream would be NaN. Clean the input (torch.nan_to_num) first."
             )
 
+    def _warn_if_unnormalised(self, x: Tensor) -> None:
+        """Warn once per model when ``x`` looks like raw [0, 1] images (see
+        `patchlens.model.preprocess.looks_unnormalised`)."""
+        if getattr(self, "_warned_unnormalised", False):
+            return
+        from patchlens.model.preprocess import looks_unnormalised
+
+        if looks_unnormalised(self.cfg, x):
+            self._warned_unnormalised = True
+            mean, std = self.cfg.data_mean, self.cfg.data_std
+            warnings.warn(
+                f"The images are all in [0, 1], but this model expects them normalised with "
+                f"mean {mean} and std {std} (a black pixel becomes "
+                f"{min(-m / s for m, s in zip(mean, std)):.2f}). Pass model.preprocess(images) "
+                "(or (images - mean) / std). This warning is shown once per model.",
+                UserWarning, stacklevel=3)
+
     def embed_images(self, x: Float[Tensor, "batch chan h w"]) -> Float[Tensor, "batch pos d"]:
         """The residual stream entering block 0 (embedding, position embedding, pre-norm)."""
         tokens, pos = self.embed(x)
@@ -334,6 +352,7 @@ class HookedViT(WeightViews, HookedRootModule):
         stop = n if stop_at_layer is None else _check_layer(stop_at_layer, n, "stop_at_layer")
         if start_at_layer is None:
             self.check_images(x)
+            self._warn_if_unnormalised(x)
             resid = self.embed_images(x)
         else:
             if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.cfg.d_model:
