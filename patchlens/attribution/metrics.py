@@ -153,12 +153,7 @@ def pointing_game(maps, masks, image_size: tuple[int, int] | None = None,
     Default tolerance 15 px at 224 px (TorchRay), scaled: ``15 * min(H, W) / 224``. ``[B]``."""
     v = as_values(maps).float()
     b, gh, gw = v.shape
-    if image_size is None:
-        m = torch.as_tensor(masks)
-        if m.ndim != 3:
-            raise InputError("image_size= is needed when masks are boxes.")
-        image_size = tuple(m.shape[-2:])
-    h, w = image_size
+    h, w = _image_size(maps, masks, image_size)
     gt = _pixel_masks(masks, (h, w))
     tol = 15.0 * min(h, w) / 224 if tolerance is None else float(tolerance)
     best = v.flatten(1).argmax(1)
@@ -180,16 +175,27 @@ def energy_pointing_game(maps, masks, image_size: tuple[int, int] | None = None
     attribution mass inside the mask ``[B, H, W]`` (or box ``[B, 4]``), with every pixel taking
     its patch's value. 0 where the map has no positive mass. ``[B]``."""
     v = as_values(maps).float()
-    if image_size is None:
-        m = torch.as_tensor(masks)
-        if m.ndim != 3:
-            raise InputError("image_size= is needed when masks are boxes.")
-        image_size = tuple(m.shape[-2:])
+    image_size = _image_size(maps, masks, image_size)
     gt = _pixel_masks(masks, image_size).float()
     up = F.interpolate(v[:, None].clamp(min=0), size=image_size, mode="nearest")[:, 0]
     total = up.flatten(1).sum(1)
     inside = (up * gt).flatten(1).sum(1)
     return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.zeros_like(total))
+
+
+def _image_size(maps, masks, image_size) -> tuple[int, int]:
+    """The pixel size the masks live in: given, a pixel mask's own, or (for boxes) the size of
+    the `AttributionMap`'s images."""
+    if image_size is not None:
+        return tuple(image_size)
+    m = torch.as_tensor(masks)
+    if m.ndim == 3:
+        return tuple(m.shape[-2:])
+    images = getattr(maps, "images", None)
+    if images is not None:
+        return tuple(images.shape[-2:])
+    raise InputError("Boxes [B, 4] do not say how large the images are: pass image_size=(H, W) "
+                     "(or an AttributionMap that carries its images).")
 
 
 __all__ = ["deletion", "insertion", "perturbation", "pointing_game", "energy_pointing_game"]
