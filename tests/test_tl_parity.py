@@ -283,3 +283,29 @@ def test_weight_views_reproduce_the_activations():
     assert err(ln2 @ mlp.W_in + mlp.b_in, cache["blocks.1.mlp.hook_pre_linear"]) < TOL
     with pytest.raises(InputError, match="position embedding"):
         build(pos_embed=False).W_pos  # noqa: B018
+
+
+# ---- TransformerLens habits that patchlens refuses with advice -------------------------------------
+def test_transformerlens_habits_are_refused_with_advice():
+    import patchlens as pl
+    from patchlens import Site
+
+    model = build()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+
+    def tl_hook(act, hook):
+        return act
+
+    with pytest.raises(InputError, match=r"lambda act, hook, site: tl_hook\(act, hook\)"):
+        pl.patch(model, x, [(Site("resid_pre", layers=0), tl_hook)])
+    with pytest.raises(InputError, match="labels"):
+        model(x, return_type="loss")
+    rec = pl.metrics.recovery(pl.metrics.logit(1))
+    with pytest.raises(InputError, match="cannot score one run"):
+        rec(model(x))
+    wrong = pl.metrics.logit(torch.tensor([0, 1]))          # 2 classes for 3 images
+    with pytest.raises(InputError, match="2 per-example classes for a batch of 3"):
+        pl.activation_patching(model, x, x.flip(0), wrong, per="layer")
+    with pytest.raises(InputError, match="2 per-example classes for a batch of 3"):
+        pl.Recipe([(Site("resid_pre", layers=0), pl.Zero())]).sweep(model, x, wrong, layers=[0])
+    assert all(not h.fwd_hooks for h in model.hook_dict.values())
