@@ -66,7 +66,7 @@ def test_long_titles_wrap_to_the_figure_width():
 def test_grid_overlay_one_map_per_image_with_a_following_title(results):
     model, tokens, _, _ = results
     fig = tokens.plot(kind="grid")
-    n_layers, n_images = 3, 3
+    n_layers = 3
     assert len(fig.data) == 2 * n_layers  # image + map per layer panel
     steps = fig.layout.sliders[0].steps
     assert [s.label for s in steps] == ["0", "1", "2"]
