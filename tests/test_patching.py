@@ -205,6 +205,16 @@ def test_callable_wrong_shape(model, pair):
     assert no_hooks(model)
 
 
+def test_patch_takes_engine_options(model, pair):
+    """pl.patch(..., progress=False / batch_size=...) are passed to the engine (progress used
+    to be passed twice)."""
+    pairs = [(Site("resid_pre", layers=1, tokens=0), pl.Zero())]
+    ref = patch(model, pair[1], pairs)
+    assert torch.equal(patch(model, pair[1], pairs, progress=False), ref)
+    assert torch.allclose(patch(model, pair[1], pairs, progress=False, batch_size=1), ref,
+                          atol=1e-6)
+
+
 def test_float64(pair):
     m64 = pl.HookedViT.from_timm(timm_vit().double())
     clean, corr = (t.double() for t in pair)
