@@ -17,11 +17,13 @@ body { font-family: -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem au
        color: #222; line-height: 1.45; padding: 0 1rem; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .3rem; }
 h2 { margin-top: 2.2rem; border-bottom: 1px solid #ccc; }
-table { border-collapse: collapse; margin: .8rem 0; font-size: .92rem; }
-th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: right; }
+.table-wrap { max-width: 100%; overflow-x: auto; margin: .8rem 0; }
+table { border-collapse: collapse; font-size: .85rem; }
+th, td { border: 1px solid #ccc; padding: .2rem .45rem; text-align: right; }
+th { white-space: normal; overflow-wrap: anywhere; max-width: 9rem; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
 .caption { color: #555; font-size: .9rem; margin-bottom: 1rem; }
-.figure { margin: 1rem 0; }
+.figure { margin: 1rem 0; max-width: 100%; overflow-x: auto; }
 .grid { display: flex; flex-wrap: wrap; gap: .5rem; }
 """
 
@@ -59,7 +61,8 @@ class Report:
         head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>"
                        for r in rows)
-        self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        self.parts.append(f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
+                          f"<tbody>{body}</tbody></table></div>")
         if caption:
             self.parts.append(f'<div class="caption">{html.escape(caption)}</div>')
         return self

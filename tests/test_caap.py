@@ -136,7 +136,16 @@ def test_result_api(model, images):
     up = amap.upsample(40, 40)
     assert up.shape == (3, 40, 40) and torch.equal(up[:, :8, :8], amap.values[:, :1, :1].expand(3, 8, 8))
     assert len(amap.plot(0).data) == 2
-    assert len(amap.plot([0, 1, 2]).frames) == 3
+    fig = amap.plot([0, 1, 2])  # an image slider; the title follows the image and class
+    steps = fig.layout.sliders[0].steps
+    assert len(steps) == 3 and [s.label for s in steps] == ["0", "1", "2"]
+    assert "image 1, class 3" in steps[1].args[1]["title.text"]
+    # each image's own map and own image in its step
+    assert (steps[2].args[0]["z"][1] == amap.values[2].numpy()).all()
+    # values are effects; the baseline is the context's score
+    assert torch.equal(amap.effects, amap.values) and amap.baseline.shape == (3,)
+    assert torch.allclose(amap.patched, amap.values + amap.meta["context_score"].view(3, 1, 1))
+    assert "score(context)" in repr(amap)
     assert default_layers(12) == (0, 12) and default_layers(1) == (0, 1)
 
 

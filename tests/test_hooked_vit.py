@@ -188,7 +188,8 @@ def test_cache_decompositions_are_exact():
     for layer in range(n):
         summed = heads[layer * h : (layer + 1) * h].sum(0)
         attn = model.blocks[layer]
-        expected = (cache["attn_out", layer] / attn.ls1.gamma) - attn.attn.b_O
+        # residual contributions: LayerScale applied to the heads and to b_O
+        expected = cache["attn_out", layer] - attn.attn.b_O * attn.ls1.gamma
         assert (summed - expected).abs().max() < 1e-10
 
 

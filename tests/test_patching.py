@@ -185,7 +185,7 @@ def test_custom_callable_and_recipe(model, pair):
         with torch.no_grad():
             logits = model.run_with_hooks(corr, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", both),
                                                            (f"blocks.{layer}.hook_mlp_out", both)])
-        assert torch.allclose(res.per_example[i], logits[:, 0], atol=1e-5)
+        assert torch.allclose(res.per_example[:, i], logits[:, 0], atol=1e-5)
 
 
 def test_user_callable_that_raises_leaves_no_hooks(model, pair):
@@ -205,6 +205,16 @@ def test_callable_wrong_shape(model, pair):
     assert no_hooks(model)
 
 
+def test_patch_takes_engine_options(model, pair):
+    """pl.patch(..., progress=False / batch_size=...) are passed to the engine (progress used
+    to be passed twice)."""
+    pairs = [(Site("resid_pre", layers=1, tokens=0), pl.Zero())]
+    ref = patch(model, pair[1], pairs)
+    assert torch.equal(patch(model, pair[1], pairs, progress=False), ref)
+    assert torch.allclose(patch(model, pair[1], pairs, progress=False, batch_size=1), ref,
+                          atol=1e-6)
+
+
 def test_float64(pair):
     m64 = pl.HookedViT.from_timm(timm_vit().double())
     clean, corr = (t.double() for t in pair)
@@ -215,7 +225,7 @@ def test_float64(pair):
         _, cc = m64.run_with_cache(clean)
         ref = naive(m64, corr, "blocks.1.hook_resid_pre",
                     lambda a: a.__setitem__((slice(None), 3), cc["blocks.1.hook_resid_pre"][:, 3]))
-    assert torch.allclose(r.per_example[0, 1], ref[:, 1], atol=1e-12)
+    assert torch.allclose(r.per_example[:, 0, 1], ref[:, 1], atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -236,10 +246,10 @@ def test_activation_patching_token_and_noising(model, pair):
     assert r.labels["token"][:3] == ["cls", "reg0", "r0c0"]
     # patching every token of resid_pre at layer 0 restores the clean metric exactly
     full = pl.activation_patching(model, clean, corr, metric, per="layer", progress=False)
-    assert torch.allclose(full.per_example[0], r.clean, atol=1e-5)
+    assert torch.allclose(full.per_example[:, 0], r.clean, atol=1e-5)
     noise = pl.activation_patching(model, clean, corr, metric, per="layer", direction="noising",
                                    progress=False)
-    assert torch.allclose(noise.per_example[0], r.corrupted, atol=1e-5)
+    assert torch.allclose(noise.per_example[:, 0], r.corrupted, atol=1e-5)
     rec = pl.activation_patching(model, clean, corr, pl.metrics.recovery(metric), per="layer",
                                  progress=False)
     assert torch.allclose(rec.values[0], torch.tensor(1.0), atol=1e-4)
@@ -254,7 +264,7 @@ def test_activation_patching_heads_and_regions(model, pair):
         _, cc = model.run_with_cache(clean)
     ref = naive(model, corr, "blocks.2.attn.hook_z",
                 lambda a: a.__setitem__((slice(None), slice(None), 1), cc["blocks.2.attn.hook_z"][:, :, 1]))
-    assert torch.allclose(r.per_example[2, 1], ref[:, 2], atol=1e-5)
+    assert torch.allclose(r.per_example[:, 2, 1], ref[:, 2], atol=1e-5)
     ht = pl.activation_patching(model, clean, corr, metric, per="head_token", layers=[1],
                                 tokens=[0, 5], progress=False)
     assert ht.values.shape == (1, 4, 2)
@@ -266,22 +276,35 @@ def test_activation_patching_heads_and_regions(model, pair):
     toks = model.layout.mask_tokens(top)
     ref = naive(model, corr, "blocks.1.hook_resid_pre",
                 lambda a: a.__setitem__((slice(None), toks), cc["blocks.1.hook_resid_pre"][:, toks]))
-    assert torch.allclose(reg.per_example[1, 0], ref[:, 2], atol=1e-5)
+    assert torch.allclose(reg.per_example[:, 1, 0], ref[:, 2], atol=1e-5)
 
 
 def test_patch_result_api(model, pair):
     r = pl.activation_patching(model, *pair, pl.metrics.logit(0), progress=False)
     df = r.to_pandas()
-    assert len(df) == 3 * 18 and set(df.columns) == {"layer", "token", "value"}
+    assert len(df) == 3 * 18
+    assert set(df.columns) == {"layer", "token", "value", "effect", "normalized_effect"}
+    # values: patched metric; baseline: the unpatched (corrupted) run; effects the difference
+    assert torch.allclose(r.baseline, r.corrupted)
+    assert torch.allclose(r.effects, (r.per_example - r.corrupted[:, None, None]).mean(0))
+    assert r.per_example.shape == (2, 3, 18)
     top = r.top(3)
-    assert len(top) == 3 and abs(top.value.iloc[0]) == r.values.abs().max().item()
+    assert len(top) == 3 and abs(top.effect.iloc[0]) == pytest.approx(r.effects.abs().max().item())
+    assert r.top(3, of="values").value.abs().iloc[0] == pytest.approx(r.values.abs().max().item())
     g = r.grid(1)
     assert g.shape == (4, 4) and g[0, 0] == r.sel(layer=1, token="r0c0")
-    assert "PatchResult[layer(3) x token(18)]" in repr(r)
+    assert r.sel(layer=1, token="r0c0", of="values") == r.values[1, 2]
+    assert torch.allclose(r.grid(1, image=1), r.effects_per_example[1, 1, 2:].reshape(4, 4))
+    denom = r.clean - r.corrupted
+    assert torch.allclose(r.normalized_effects,
+                          (r.effects_per_example / denom[:, None, None]).mean(0))
+    text = repr(r)
+    assert "PatchResult[layer(3) x token(18)]" in text and "max |effect|" in text
+    assert "patched − unpatched" not in text or "effects = values − baseline" in text
     fig = r.plot()
     assert len(fig.data) == 2  # prefix panel + patch panel
-    fig = r.plot(kind="grid")
-    assert len(fig.frames) == 3
+    fig = r.plot(kind="grid")  # one panel per layer (image + map), one slider step per image
+    assert len(fig.data) == 6 and len(fig.layout.sliders[0].steps) == 2
     with pytest.raises(InputError):
         r.sel(layer=7)
 

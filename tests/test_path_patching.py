@@ -93,7 +93,7 @@ def test_heads_sweep_equals_naive(model, pair, receivers):
     for layer in range(3):
         for head in range(4):
             ref = naive_path_patching(model, clean, corr, Node("z", layer, head), receivers, metric)
-            assert torch.allclose(res.per_example[layer, head], ref, atol=1e-10), (layer, head)
+            assert torch.allclose(res.effects_per_example[:, layer, head], ref, atol=1e-10), (layer, head)
 
 
 def test_mlp_and_embed_senders_and_recompute(model, pair):
@@ -106,7 +106,7 @@ def test_mlp_and_embed_senders_and_recompute(model, pair):
         assert res.axes == ("sender",) and res.labels["sender"] == ["embed", "attn_out0", "mlp_out1"]
         for i, s in enumerate(senders):
             ref = naive_path_patching(model, clean, corr, s, [Node("resid_final")], metric, mlps=mlps)
-            assert torch.allclose(res.per_example[i], ref, atol=1e-10), (s, mlps)
+            assert torch.allclose(res.effects_per_example[:, i], ref, atol=1e-10), (s, mlps)
 
 
 def test_direct_effects_sum_for_last_layer(model, pair):
@@ -119,7 +119,9 @@ def test_direct_effects_sum_for_last_layer(model, pair):
                        metric, mlps="recompute", progress=False)
     ap = pl.activation_patching(model, clean, corr, metric, per="head", layers=[2],
                                 direction="noising", progress=False)
-    assert torch.allclose(pp.per_example, ap.per_example[0] - ap.clean, atol=1e-10)
+    assert torch.allclose(pp.effects_per_example, ap.effects_per_example, atol=1e-10)
+    assert torch.allclose(pp.per_example, ap.per_example, atol=1e-10)
+    assert torch.allclose(pp.baseline, ap.baseline, atol=1e-12)
 
 
 def test_separate_receivers_and_tokens(model, pair):
@@ -130,9 +132,9 @@ def test_separate_receivers_and_tokens(model, pair):
                         progress=False)
     assert sep.axes == ("layer", "head", "receiver")
     one = path_patching(model, clean, corr, all_heads(model), recv[1], metric, progress=False)
-    assert torch.allclose(sep.per_example[:, :, 1], one.per_example, atol=1e-12)
+    assert torch.allclose(sep.per_example[..., 1], one.per_example, atol=1e-12)
     # senders at or after the receivers' layer have no path: exactly zero
-    assert (sep.values[2] == 0).all()
+    assert (sep.effects[2] == 0).all() and torch.equal(sep.values[2], sep.baseline.mean().expand(4, 2))
     fig = one.plot()
     assert fig.data[0].z.shape == (3, 4)
 

@@ -276,6 +276,7 @@ def test_adapters(tmp_path):
                                                patchlens.metrics.logit(torch.tensor([i])),
                                                per="layer", progress=False)
         torch.testing.assert_close(res["per_example"][i], single.values)
+        torch.testing.assert_close(res["baseline"][i], single.baseline[0])
     dataset(values(patchlens.caap, layers=(0, 2), progress=False), clean, tmp_path / "caap",
             model=m, batch_size=4, shard_size=4, verbose=False)
     torch.testing.assert_close(load_results(tmp_path / "caap")["values"],

@@ -147,7 +147,10 @@ How an image is made:
   `"on"`: always, true label; `"off"` / `None`: never; `"conflict"`: always, a wrong label
   (`(label + 1 + r) % 10`, `r` uniform in 0..8).
 
-Generation is a pure function of its arguments; digits, background, clutter and marker come from
+Generation is a pure function of its arguments, but **not prefix-stable**: the random streams
+are drawn in batches whose size depends on `n`, so `generate(200, seed=s)` is not the first 200
+images of `generate(2000, seed=s)`. Generate the larger set and slice it (`data[:200]`) to get
+a subset. Digits, background, clutter and marker come from
 separate random streams, so `shortcut="on"`, `"off"` and `"conflict"` with the same seed give the
 same images except for the marker, and `clutter=False, background=False` gives the same digits
 on a black canvas. 5,000 images take a few seconds on one CPU core.
@@ -169,7 +172,7 @@ The evaluation set of both models is `generate({ce['n']}, split="test", seed={ce
 | test set | accuracy |
 |---|---|
 | clean (no marker) | **{pct(ce['clean']['accuracy'])}** |
-| first {ce['clean']['subset_n']} images (checked exactly by the tests) | {ce['clean']['subset_correct']} / {ce['clean']['subset_n']} |
+| first {ce['clean']['subset_n']} images of that set, `generate({ce['n']}, ...)[:{ce['clean']['subset_n']}]` (checked exactly by the tests) | {ce['clean']['subset_correct']} / {ce['clean']['subset_n']} |
 
 {status(c)}
 

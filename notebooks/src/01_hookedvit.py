@@ -81,3 +81,20 @@ maps = model.layout.to_grid(cls_rows)  # [head, grid_h, grid_w]
 fig = px.imshow(maps.numpy(), facet_col=0, color_continuous_scale="viridis", height=260,
                 title=f"layer {layer}: class-token attention per head")
 fig
+
+# %% [markdown]
+# ## Direct logit attribution, as in TransformerLens
+# `get_full_resid_decomposition` splits the final residual stream into every head, every MLP,
+# the embedding and the biases; `logit_attrs(..., pooled=True)` reads each component through
+# the final norm (cached scale) and the head, so with `logit_offset` the components sum exactly
+# to the logits. The weights have TransformerLens's shapes (`W_Q`, `W_O`, `OV`, ...).
+
+# %%
+stack, names = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+attrs = cache.logit_attrs(stack, data.labels, pooled=True)  # [component, image]
+total = attrs.sum(0) + cache.logit_offset(data.labels)
+print("components sum to the true-class logits:",
+      torch.allclose(total, logits.gather(1, data.labels[:, None])[:, 0], atol=1e-4))
+top = attrs.mean(1).abs().topk(5).indices
+print("largest direct contributions:", [(names[j], round(float(attrs[j].mean()), 2)) for j in top])
+print("W_Q", tuple(model.W_Q.shape), "W_O", tuple(model.W_O.shape), "OV", model.blocks[0].attn.OV)

@@ -34,21 +34,34 @@ print(result)
 result.plot()
 
 # %% [markdown]
-# The same values laid over the first image, one map per layer (use the slider). Early layers
-# light up on the digit's patches; later layers move the information to the class token.
+# Each image's own effects laid over its own clean image, one panel per layer; the slider picks
+# the image. Early layers light up on the digit's patches; later layers move the information to
+# the class token.
 
 # %%
-result.plot(kind="grid", image=clean_images[0])
+result.plot(kind="grid")
 
 # %% [markdown]
-# Where do the digit's patches sit on the grid? The ground-truth mask mapped to patches:
+# Where do the digit's patches sit on the grid? Each image's ground-truth mask mapped to its
+# patches; the effects on an image's own digit patches against the rest of its patches:
 
 # %%
-patch_mask = data.patch_masks(model.cfg.patch_size[0], threshold=0.1)[0]
-on_digit = result.values[:, [model.layout.token(int(r), int(c)) for r, c in patch_mask.nonzero()]]
-off_digit = result.values[:, [model.layout.token(int(r), int(c)) for r, c in (~patch_mask).nonzero()]]
-print("mean recovery per layer on digit patches :", on_digit.mean(1).numpy().round(3))
-print("mean recovery per layer off digit patches:", off_digit.mean(1).numpy().round(3))
+patch_masks = data.patch_masks(model.cfg.patch_size[0], threshold=0.1)   # [4, 8, 8], per image
+per_image = result.effects_per_example[:, :, model.layout.n_prefix:]      # [4, layer, patches]
+digit = patch_masks.flatten(1)[:, None, :].expand_as(per_image)
+on_digit = (per_image * digit).sum(-1) / digit.sum(-1)
+off_digit = (per_image * ~digit).sum(-1) / (~digit).sum(-1)
+print("mean effect per layer on each image's digit patches:", on_digit.mean(0).numpy().round(3))
+print("mean effect per layer on its other patches          :", off_digit.mean(0).numpy().round(3))
+
+# %% [markdown]
+# The same question in one sweep: `per="region"` with one mask per image patches every image's
+# own digit patches (and, as a second region, the rest) at once.
+
+# %%
+regions = pl.activation_patching(model, clean, corrupted, metric, per="region",
+                                 regions={"digit": patch_masks, "rest": ~patch_masks})
+print(regions.to_pandas().pivot(index="layer", columns="region", values="effect").round(3))
 
 # %% [markdown]
 # ## Layer x head sweep (head outputs, all tokens)
@@ -59,14 +72,15 @@ heads.plot()
 
 # %% [markdown]
 # ## Attribution patching: a cheap screen
-# One forward and one backward pass estimate every cell. Compare with the exact sweep above
-# (attribution values are changes of the metric; the exact recovery is already normalised).
+# One forward and one backward pass estimate every cell. Its result has the same meaning as the
+# exact sweep's (values: the estimated patched recovery, normalised the same way; effects: the
+# first-order change), so the effects compare directly.
 
 # %%
 approx = pl.activation_patching(model, clean, corrupted, metric, site="resid_pre", per="token",
                                 method="attribution")
-exact = result.values.flatten()
-est = approx.values.flatten()
+exact = result.effects.flatten()
+est = approx.effects.flatten()
 corr = torch.corrcoef(torch.stack([exact, est]))[0, 1].item()
 print(f"correlation between attribution patching and exact patching over "
       f"{exact.numel()} cells: {corr:.3f}")

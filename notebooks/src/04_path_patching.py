@@ -35,7 +35,7 @@ direct.plot()
 
 # %%
 layer = model.cfg.n_layers - 1
-head = int(direct.values[layer].abs().argmax())
+head = int(direct.effects[layer].abs().argmax())   # effects: patched − unpatched
 print(f"receiver: head {layer}.{head}, query of the class token")
 to_query = pl.path_patching(model, clean, corrupted, pl.all_heads(model)[: layer * model.cfg.n_heads],
                             Node("q", layer, head, tokens="cls"), metric)
@@ -50,5 +50,5 @@ senders = [Node("mlp_out", l) for l in range(model.cfg.n_layers)]
 frozen = pl.path_patching(model, clean, corrupted, senders, Node("resid_final"), metric)
 recomputed = pl.path_patching(model, clean, corrupted, senders, Node("resid_final"), metric,
                               mlps="recompute")
-print("frozen    ", frozen.values.numpy().round(3))
-print("recomputed", recomputed.values.numpy().round(3))
+print("frozen    ", frozen.effects.numpy().round(3))
+print("recomputed", recomputed.effects.numpy().round(3))

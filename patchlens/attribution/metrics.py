@@ -214,12 +214,18 @@ def _pixel_masks(masks: Tensor, shape: tuple[int, int] | None, b: int | None) ->
     return masks.bool()
 
 
-def _image_size(masks, image_size) -> tuple[int, int]:
+def _image_size(maps, masks, image_size) -> tuple[int, int]:
+    """The pixel size the masks live in: given, a pixel mask's own, or (for boxes) the size of
+    the `AttributionMap`'s images."""
     if image_size is None:
         m = masks if isinstance(masks, Tensor) else _pixel_masks(masks, None, None)
-        if m.ndim != 3:
-            raise InputError("image_size= is needed when masks are boxes.")
-        return tuple(m.shape[-2:])
+        if m.ndim == 3:
+            return tuple(m.shape[-2:])
+        images = getattr(maps, "images", None)
+        if images is not None:
+            return tuple(images.shape[-2:])
+        raise InputError("Boxes [B, 4] do not say how large the images are: pass "
+                         "image_size=(H, W) (or an AttributionMap that carries its images).")
     if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
             or not all(check_int("image_size", v, 1) for v in image_size)):
         raise InputError(f"image_size must be (H, W), got {image_size!r}.")
@@ -234,7 +240,7 @@ def pointing_game(maps, masks, image_size: tuple[int, int] | None = None,
     Default tolerance 15 px at 224 px (TorchRay), scaled: ``15 * min(H, W) / 224``. ``[B]``."""
     v = _finite_maps(maps)
     b, gh, gw = v.shape
-    h, w = _image_size(masks, image_size)
+    h, w = _image_size(maps, masks, image_size)
     gt = _pixel_masks(masks, (h, w), b)
     tol = (15.0 * min(h, w) / 224 if tolerance is None
            else check_number("tolerance", tolerance, 0.0))
@@ -257,7 +263,7 @@ def energy_pointing_game(maps, masks, image_size: tuple[int, int] | None = None
     attribution mass inside the mask ``[B, H, W]`` (or box ``[B, 4]``), with every pixel taking
     its patch's value. 0 where the map has no positive mass. ``[B]``."""
     v = _finite_maps(maps)
-    image_size = _image_size(masks, image_size)
+    image_size = _image_size(maps, masks, image_size)
     gt = _pixel_masks(masks, image_size, v.shape[0]).to(v.dtype)
     up = F.interpolate(v[:, None].clamp(min=0), size=image_size, mode="nearest")[:, 0]
     total = up.flatten(1).sum(1)

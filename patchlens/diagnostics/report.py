@@ -147,17 +147,24 @@ class DivergenceReport:
                 "(max - median)")
 
     def plot(self, measure: str = "outlier_rate"):
-        """Plotly figure: the effect, ``measure`` and the dormant-neuron count side by side
-        (per layer x token for a layer x token sweep; per variant otherwise)."""
+        """Plotly figure: the effect, ``measure`` and the dormant-neuron count side by side,
+        each with its colour bar (per layer x token for a layer x token sweep; bars per
+        variant otherwise)."""
         import numpy as np
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
+        from patchlens.viz import DIVERGING, colorbar, finish
+
+        names = {"effect": "effect (patched − unpatched)", "outlier_rate": "outlier rate",
+                 "n_dormant": "dormant neurons", "ot_ratio": "Sinkhorn ratio"}
         panels = [("effect", self.effects), (measure, self.variant_values(measure)),
-                  ("dormant neurons", self.variant_values("n_dormant"))]
-        fig = make_subplots(rows=1, cols=3, subplot_titles=[p[0] for p in panels],
-                            horizontal_spacing=0.06)
+                  ("n_dormant", self.variant_values("n_dormant"))]
+        titles = [names.get(p[0], p[0].replace("_", " ")) for p in panels]
         two_d = self.shape is not None and len(self.shape) == 2 and self.axes is not None
+        fig = make_subplots(rows=1, cols=3, subplot_titles=titles,
+                            horizontal_spacing=0.1 if two_d else 0.07)
+        x_title, y_title = ("variant", None)
         for i, (name, vals) in enumerate(panels, start=1):
             if vals is None:
                 continue
@@ -165,16 +172,43 @@ class DivergenceReport:
             if two_d:
                 y = [str(v) for v in self.labels[self.axes[0]]]
                 x = [str(v) for v in self.labels[self.axes[1]]]
-                kw = dict(colorscale="RdBu", zmid=0) if name == "effect" else dict(
-                    colorscale="Reds", zmin=0)
-                fig.add_trace(go.Heatmap(z=z.reshape(self.shape), x=x, y=y, showscale=False, **kw),
-                              1, i)
-                fig.update_yaxes(autorange="reversed", row=1, col=i)
+                dom = fig.layout[f"xaxis{i if i > 1 else ''}"].domain
+                bar = dict(colorbar(titles[i - 1]), x=dom[1] + 0.005, len=0.85, thickness=10)
+                if name == "effect":
+                    lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+                    kw = dict(colorscale=DIVERGING, zmid=0, zmin=-lim or -1, zmax=lim or 1)
+                else:
+                    kw = dict(colorscale="Reds", zmin=0)
+                fig.add_trace(go.Heatmap(z=z.reshape(self.shape), x=x, y=y, colorbar=bar,
+                                         **kw), 1, i)
+                fig.update_yaxes(autorange="reversed", type="category", row=1, col=i)
+                fig.update_xaxes(type="category", row=1, col=i)
+                x_title, y_title = self.axes[1], self.axes[0]
             else:
-                labels = [str(r) for r in self.meta.get("labels", range(z.size))]
-                fig.add_trace(go.Bar(x=labels, y=np.ravel(z), name=name), 1, i)
-        fig.update_layout(title=f"Divergence: {self.summary()}", height=360, showlegend=False)
-        return fig
+                labels, x_title = self._variant_labels(z.size)
+                fig.add_trace(go.Bar(x=labels, y=np.ravel(z), name=titles[i - 1]), 1, i)
+                fig.update_xaxes(type="category", row=1, col=i)
+                fig.update_yaxes(title_text=titles[i - 1], row=1, col=i)
+        for i in range(1, 4):
+            fig.update_xaxes(title_text=x_title, row=1, col=i)
+        if y_title is not None:
+            fig.update_yaxes(title_text=y_title, row=1, col=1)
+        rows = self.shape[0] if two_d else 1
+        height = max(380, 24 * rows + 200) if two_d else 400
+        fig.update_layout(showlegend=False)
+        return finish(fig, f"Divergence: {self.summary()}", 1150, height)
+
+    def _variant_labels(self, n: int) -> tuple[list[str], str]:
+        """Readable labels for a 1-D sweep's variants and the axis title."""
+        if self.axes is not None and len(self.axes) == 1 and self.labels is not None:
+            return [str(v) for v in self.labels[self.axes[0]]], self.axes[0]
+        raw = self.meta.get("labels", range(n))
+        out = []
+        for r in raw:
+            if isinstance(r, tuple):
+                r = ", ".join(str(v) for v in r)
+            out.append(str(r))
+        return out, "variant"
 
 
 # ---- building the report --------------------------------------------------------------------
@@ -184,7 +218,7 @@ def diagnose_sweep(model, target: Tensor, variants: Sequence, reference: Referen
     sweep's effects and layout taken from ``result`` (a `PatchResult`). With ``collector``
     (a `sweep_collector` whose observers ran inside the sweep's own engine run) nothing is
     re-run; without it the variants are run again by `diagnose`."""
-    effects = result.values if result is not None else None
+    effects = result.effects if result is not None else None
     if collector is not None:
         rep = collector.report(effects=effects)
     else:
@@ -263,6 +297,10 @@ class _Collector:
         self.n_prefix = model.layout_for(tuple(target.shape[-2:])).n_prefix
         self.resolved = [[rs for site, _ in v.pairs for rs in site.resolve(model, grid)]
                          for v in variants]
+        if any(rs.per_image for rss in self.resolved for rs in rss):
+            raise InputError("Divergence diagnostics take one token selection for every image; "
+                             "a per-image selection (mask [batch, gh, gw] or a list of Rect) "
+                             "is not supported yet. Diagnose each image separately.")
         hooks = sorted({rs.hook for rss in self.resolved for rs in rss})
         for h in hooks:
             reference.check_hook(h)

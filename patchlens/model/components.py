@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
+from patchlens.errors import InputError
 from patchlens.model.config import ViTConfig
 from patchlens.model.hooks import HookDecl, declare_hooks
 
@@ -219,6 +221,22 @@ class Attention(nn.Module):
             return self.proj.weight.new_zeros(self.cfg.d_model)
         return self.proj.bias
 
+    @property
+    def OV(self) -> FactoredMatrix:
+        """The OV circuit ``W_V @ W_O`` ``[head, d_model, d_model]`` (TransformerLens
+        `FactoredMatrix`; LayerScale, if any, multiplies its output in the block)."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """The QK circuit ``W_Q @ W_K^T`` ``[head, d_model, d_model]`` (scores before the
+        ``1/sqrt(d_head)`` scale). Not defined with ``qk_norm`` (a norm sits between)."""
+        if self.cfg.qk_norm:
+            raise InputError("This model normalises queries and keys (qk_norm): the attention "
+                             "scores are not a bilinear form W_Q W_K^T of the input, so there is "
+                             "no QK matrix. Use the cached hook_q / hook_k instead.")
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"] | None = None,
@@ -304,9 +322,29 @@ class MLP(nn.Module):
             hooks = {k: dataclasses.replace(d, alias=None) for k, d in hooks.items()}
         declare_hooks(self, hooks)
 
+    # TransformerLens weight views. For the gated (SwiGLU) MLP, as in TransformerLens,
+    # ``W_gate`` feeds the activation (``hook_pre``) and ``W_in`` the linear branch
+    # (``hook_pre_linear``); fc1 stores [gate; linear].
+    def _fc1(self, part: int) -> tuple[Tensor, Tensor]:
+        d = self.cfg.d_mlp
+        w, b = self.fc1.weight[part * d : (part + 1) * d], self.fc1.bias
+        return w.T, (b[part * d : (part + 1) * d] if b is not None else w.new_zeros(d))
+
     @property
     def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
-        return self.fc1.weight[: self.cfg.d_mlp].T
+        return self._fc1(1 if self.gated else 0)[0]
+
+    @property
+    def b_in(self) -> Float[Tensor, "d_mlp"]:
+        return self._fc1(1 if self.gated else 0)[1]
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"] | None:
+        return self._fc1(0)[0] if self.gated else None
+
+    @property
+    def b_gate(self) -> Float[Tensor, "d_mlp"] | None:
+        return self._fc1(0)[1] if self.gated else None
 
     @property
     def W_out(self) -> Float[Tensor, "d_mlp d_model"]:

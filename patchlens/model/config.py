@@ -153,6 +153,11 @@ class ViTConfig(TransformerLensConfig):
         return self.grid_size[0] * self.grid_size[1]
 
     @property
+    def d_vocab_out(self) -> int:
+        """TransformerLens's output vocabulary size: the number of classes."""
+        return self.n_classes
+
+    @property
     def d_pooled(self) -> int:
         """Width of the pooled feature vector fed to the head."""
         return 2 * self.d_model if self.pooling == "token_avg" else self.d_model

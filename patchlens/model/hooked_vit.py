@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -11,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 
 from patchlens.checks import all_finite, is_int
 from patchlens.errors import InputError, unknown_hook_error
+from patchlens.model.cache import ViTActivationCache
 from patchlens.model.components import AttentionPool, Block, Embed, LayerNorm, init_weights_
 from patchlens.model.config import ViTConfig
 from patchlens.model.hooks import (
@@ -28,12 +30,13 @@ from patchlens.model.hooks import (
     spec_of,
 )
 from patchlens.model.layout import TokenLayout
+from patchlens.model.weights import WeightViews
 
 ReturnType = Literal["logits", "pooled", "resid", None]
 RETURN_TYPES = ("logits", "pooled", "resid", None)
 
 
-class HookedViT(HookedRootModule):
+class HookedViT(WeightViews, HookedRootModule):
     """A ViT whose activations are all named `HookPoint`s (TransformerLens conventions).
 
     Build one from a source model with `from_timm`, `from_hf` or `from_pretrained`, or from a
@@ -196,6 +199,33 @@ class HookedViT(HookedRootModule):
             return self.W_U.new_zeros(self.cfg.n_classes)
         return self.head.bias
 
+    def tokens_to_residual_directions(self, tokens: Any) -> Float[Tensor, "... d_model"]:
+        """TransformerLens's name for a classifier's class directions: ``tokens`` are class
+        indices (an int or a tensor of them; a class name for a zero-shot head is refused
+        here, see below). Returns ``[*tokens.shape, d_model]``: the head's column times the
+        final norm's weight, the direction the (centred, cached-scale normalised) residual
+        stream of the token the head reads is dotted with to give the logit. Exact for
+        class-token and average pooling (then the logit is the mean over patches); refused
+        with an explanation for attention pooling, distilled heads, class-token + patch-mean
+        pooling and zero-shot heads (use ``cache.logit_attrs(..., pooled=True)``)."""
+        from patchlens.model.readout import residual_directions
+
+        return residual_directions(self, tokens)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False,
+                         include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
+        """The attention (``b_O``) and MLP (``b_out``) output biases added to the residual
+        stream before block ``layer`` (and block ``layer``'s ``b_O`` with ``mlp_input``),
+        LayerScale applied: what TransformerLens's decompositions call ``bias``."""
+        total = self.W_E.new_zeros(self.cfg.d_model)
+        for i, block in enumerate(self.blocks[: layer + int(mlp_input)]):
+            g1 = block.ls1.gamma if block.ls1 is not None else 1.0
+            total = total + block.attn.b_O * g1
+            if include_mlp_biases and i < layer:
+                g2 = block.ls2.gamma if block.ls2 is not None else 1.0
+                total = total + block.mlp.b_out * g2
+        return total
+
     # ---- forward ----------------------------------------------------------------------------
     def check_images(self, x: Tensor) -> None:
         """Raise `InputError` if ``x`` is not a valid image batch for this model."""
@@ -245,6 +275,23 @@ class HookedViT(HookedRootModule):
                 "The images contain NaN or infinite values; patchlens refuses them because every "
                 "activation downstream would be NaN. Clean the input (torch.nan_to_num) first."
             )
+
+    def _warn_if_unnormalised(self, x: Tensor) -> None:
+        """Warn once per model when ``x`` looks like raw [0, 1] images (see
+        `patchlens.model.preprocess.looks_unnormalised`)."""
+        if getattr(self, "_warned_unnormalised", False):
+            return
+        from patchlens.model.preprocess import looks_unnormalised
+
+        if looks_unnormalised(self.cfg, x):
+            self._warned_unnormalised = True
+            mean, std = self.cfg.data_mean, self.cfg.data_std
+            warnings.warn(
+                f"The images are all in [0, 1], but this model expects them normalised with "
+                f"mean {mean} and std {std} (a black pixel becomes "
+                f"{min(-m / s for m, s in zip(mean, std)):.2f}). Pass model.preprocess(images) "
+                "(or (images - mean) / std). This warning is shown once per model.",
+                UserWarning, stacklevel=3)
 
     def embed_images(self, x: Float[Tensor, "batch chan h w"]) -> Float[Tensor, "batch pos d"]:
         """The residual stream entering block 0 (embedding, position embedding, pre-norm)."""
@@ -322,6 +369,7 @@ class HookedViT(HookedRootModule):
         stop = n if stop_at_layer is None else _check_layer(stop_at_layer, n, "stop_at_layer")
         if start_at_layer is None:
             self.check_images(x)
+            self._warn_if_unnormalised(x)
             resid = self.embed_images(x)
         else:
             if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.cfg.d_model:
@@ -358,7 +406,9 @@ class HookedViT(HookedRootModule):
 
     def run_with_cache(self, *args: Any, names_filter=None, incl_bwd: bool = False,
                        metric: Callable[[Tensor], Tensor] | None = None, **kwargs: Any):
-        """TransformerLens ``run_with_cache``; returns ``(output, ActivationCache)``.
+        """TransformerLens ``run_with_cache``; returns ``(output, cache)``, a
+        `patchlens.model.cache.ViTActivationCache` (TransformerLens's `ActivationCache` with
+        exact residual-stream decompositions and direct logit attribution for ViTs).
 
         With ``incl_bwd=True`` the cache also holds ``name + "_grad"``: the gradient of
         ``metric(output)`` (a scalar) with respect to each cached activation, computed with
@@ -389,7 +439,7 @@ class HookedViT(HookedRootModule):
                         "metric=fn with fn(output) -> scalar (e.g. lambda lg: lg[:, 3].sum())."
                     ) from e
                 raise
-        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch)
+        return out, ViTActivationCache(cache, self, has_batch_dim=not remove_batch)
 
     def _cache_with_grads(self, args, names_filter, metric, kwargs):
         """Forward with caching hooks, then ``d metric(output) / d activation`` for each."""

@@ -142,3 +142,21 @@ def blur(cfg: ViTConfig, x: Tensor, kernel: int = 11, sigma: float = 5.0) -> Ten
     if not sigma > 0:
         raise InputError(f"blur_sigma must be > 0, got {sigma!r}.")
     return from_pixels(cfg, gaussian_blur(to_pixels(cfg, x), [kernel, kernel], [float(sigma)] * 2))
+
+
+def looks_unnormalised(cfg: ViTConfig, x: Tensor) -> bool:
+    """True when ``x`` looks like raw ``[0, 1]`` images although the model expects them
+    normalised with ``cfg.data_mean`` / ``cfg.data_std``.
+
+    Normalisation sends a black pixel to ``-mean / std`` (ImageNet: about -2; the zoo: -1), so
+    normalised natural images have values well below 0 wherever a pixel is darker than the
+    mean colour. The batch is flagged only when every value lies in ``[0, 1]``, the values are
+    not constant (a constant batch, e.g. the mean image, is ambiguous), and the model's
+    normalisation sends black below -0.5 (models normalising to ``[0, 1]`` themselves are never
+    flagged). One ``aminmax`` pass over the batch."""
+    neg = min(-m / s for m, s in zip(cfg.data_mean, cfg.data_std))
+    if neg > -0.5 or x.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)
+    return 0.0 <= lo and hi <= 1.0 and hi - lo > 0.05

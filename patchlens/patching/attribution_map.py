@@ -13,6 +13,18 @@ from patchlens.checks import check_int
 from patchlens.errors import InputError
 from patchlens.metrics import resolve_classes
 
+#: what each method's values hold (shown by repr and plot)
+HOLDS = {
+    "caap": "effect: score(context + the patch) − score(context)",
+    "rollout": "attention rollout (class token row)",
+    "chefer": "gradient-weighted attention relevance",
+    "gradcam": "Grad-CAM, normalised to [0, 1]",
+    "integrated_gradients": "integrated gradients, summed per patch",
+    "occlusion": "occlusion: score drop when the patch is filled, summed per patch",
+    "rise": "RISE saliency",
+    "class_attention": "last-layer class-token attention",
+}
+
 
 class MapIndexError(InputError, IndexError):
     """An image index outside an `AttributionMap` (an `IndexError` too, so iteration stops)."""
@@ -35,11 +47,14 @@ class AttributionMap:
 
     Attributes:
         values: ``[batch, grid_h, grid_w]`` one value per patch (higher = more evidence for
-            ``target``; the scale depends on the method, see ``meta``).
+            ``target``; the scale depends on the method, see ``meta`` and `holds`).
         method: the method's name (``"caap"``, ``"rollout"``, ...).
         target: ``[batch]`` the explained class of each image.
         images: ``[batch, 3, H, W]`` in [0, 1] (unnormalised), to lay the map over; optional.
-        meta: what was run (parameters, the score of the context for CAAP, timings, ...).
+        meta: what was run (parameters, timings, ...).
+        baseline: ``[batch]`` for methods whose values are effects of a patch (CAAP): the score
+            of the unpatched run (the context), so ``values`` are ``effects`` and
+            ``patched = values + baseline``; None for the other methods.
     """
 
     values: Float[Tensor, "batch grid_h grid_w"]
@@ -47,6 +62,7 @@ class AttributionMap:
     target: Tensor
     images: Tensor | None = None
     meta: dict = field(default_factory=dict)
+    baseline: Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.values, Tensor) or self.values.ndim != 3:
@@ -60,6 +76,26 @@ class AttributionMap:
             raise InputError(f"{self.target.shape[0]} targets for {self.values.shape[0]} maps.")
         if self.images is not None and self.images.shape[0] != self.values.shape[0]:
             raise InputError(f"{self.images.shape[0]} images for {self.values.shape[0]} maps.")
+
+    # ---- what the values mean --------------------------------------------------------------
+    @property
+    def holds(self) -> str:
+        """What ``values`` hold, in words."""
+        return self.meta.get("holds") or HOLDS.get(self.method, f"{self.method} attribution")
+
+    @property
+    def effects(self) -> Tensor:
+        """``[batch, grid_h, grid_w]`` patched − unpatched score: the values themselves, for
+        methods that patch (CAAP); refused for the others."""
+        if self.baseline is None:
+            raise InputError(f"{self.method} values are not effects of a patch (they hold "
+                             f"{self.holds}); use values.")
+        return self.values
+
+    @property
+    def patched(self) -> Tensor:
+        """``[batch, grid_h, grid_w]`` the score of each patched run (``values + baseline``)."""
+        return self.effects + self.baseline.to(self.values.dtype).view(-1, 1, 1)
 
     # ---- access ---------------------------------------------------------------------------
     @property
@@ -78,7 +114,8 @@ class AttributionMap:
                                     f"map(s) (0..{n - 1}).")
             i = slice(i % n, i % n + 1)
         return AttributionMap(self.values[i], self.method, self.target[i],
-                              None if self.images is None else self.images[i], dict(self.meta))
+                              None if self.images is None else self.images[i], dict(self.meta),
+                              None if self.baseline is None else self.baseline[i])
 
     def upsample(self, H: int | None = None, W: int | None = None,
                  mode: str = "nearest") -> Float[Tensor, "batch H W"]:
@@ -99,8 +136,8 @@ class AttributionMap:
     def normalized(self) -> AttributionMap:
         """Each map divided by its largest absolute value (to compare methods visually)."""
         scale = self.values.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1)
-        return AttributionMap(self.values / scale, self.method, self.target, self.images,
-                              dict(self.meta))
+        meta = dict(self.meta, holds=f"{self.holds}, divided by each map's max |value|")
+        return AttributionMap(self.values / scale, self.method, self.target, self.images, meta)
 
     # ---- output ---------------------------------------------------------------------------
     def to_pandas(self):
@@ -117,22 +154,27 @@ class AttributionMap:
             "target": self.target[img.flatten()].numpy(), "method": self.method,
         })
 
-    def plot(self, i: int | list[int] | None = 0, title: str | None = None, opacity: float = 0.55):
-        """The map laid over its image (plotly `Figure`); ``i`` a list (or None for all) gives
-        one slider frame per image (each drawn on image ``i[0]``'s frame with its own map)."""
+    def plot(self, i: int | list[int] | None = 0, title: str | None = None,
+             opacity: float = 0.85, per_image_scale: bool = False):
+        """Each map laid over its own image (plotly `Figure`): ``i`` an int for one image, a
+        list (or None for all) for an image slider; the title follows the slider (image and
+        class). One colour range for all images, or ``per_image_scale=True``."""
         from patchlens.viz import grid_overlay
 
         idx = list(range(len(self))) if i is None else ([i] if isinstance(i, int) else list(i))
+        if not idx:
+            raise InputError("plot() needs at least one image index.")
         for j in idx:
             check_int("i", j, -len(self), len(self) - 1)
         idx = [j % len(self) for j in idx]
-        maps = self.values[idx]
-        labels = [f"image {j} (class {int(self.target[j])})" for j in idx]
-        title = title or f"{self.method} · class {int(self.target[idx[0]])}"
-        if self.images is None or len(idx) == 1:
-            image = None if self.images is None else self.images[idx[0]]
-            return grid_overlay(maps, image, labels, title, opacity=opacity)
-        return _image_slider(maps, self.images[idx], labels, title, opacity)
+        signed = bool((self.values[idx] < 0).any())
+        base = title or f"{self.method} · {self.holds}"
+        titles = [f"{base} · image {j}, class {int(self.target[j])}" for j in idx]
+        images = None if self.images is None else self.images[idx]
+        return grid_overlay(self.values[idx][:, None], images, [""], base, opacity,
+                            diverging=signed, image_labels=[str(j) for j in idx],
+                            image_titles=titles, colorbar_title=self.method,
+                            per_image_scale=per_image_scale, panel_title="")
 
     def __repr__(self) -> str:
         b, gh, gw = self.values.shape
@@ -141,33 +183,11 @@ class AttributionMap:
         tgt_s = str(tgt) if len(tgt) <= 6 else f"[{', '.join(map(str, tgt[:6]))}, ...]"
         extra = ", ".join(f"{k}={v!r}" for k, v in self.meta.items()
                           if k in ("layers", "context", "site", "score", "group", "layer"))
+        base = ("" if self.baseline is None else
+                f", baseline (unpatched score) mean={self.baseline.float().mean().item():.4g}")
         return (f"AttributionMap(method={self.method!r}, batch={b}, grid=({gh}, {gw}), "
-                f"target={tgt_s}, range=[{v.min().item():.4g}, {v.max().item():.4g}]"
-                f"{', ' + extra if extra else ''})")
-
-
-def _image_slider(maps, images, labels, title, opacity):
-    """One slider frame per (image, map) pair."""
-    import plotly.graph_objects as go
-
-    from patchlens.viz import grid_overlay
-
-    figs = [grid_overlay(m, img, [lab], title, opacity=opacity)
-            for m, img, lab in zip(maps, images, labels)]
-    lim = float(maps.abs().max()) or 1.0
-    fig = go.Figure(data=figs[0].data, layout=figs[0].layout)
-    frames = []
-    for f, lab in zip(figs, labels):
-        data = list(f.data)
-        data[-1].update(zmin=-lim, zmax=lim)
-        frames.append(go.Frame(data=data, name=lab))
-    fig.data[-1].update(zmin=-lim, zmax=lim)
-    fig.frames = frames
-    steps = [dict(method="animate", label=lab,
-                  args=[[lab], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
-             for lab in labels]
-    fig.update_layout(sliders=[dict(steps=steps, currentvalue=dict(prefix=""))])
-    return fig
+                f"target={tgt_s}, values = {self.holds}, range=[{v.min().item():.4g}, "
+                f"{v.max().item():.4g}]{base}{', ' + extra if extra else ''})")
 
 
 def as_values(maps) -> Tensor:

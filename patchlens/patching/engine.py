@@ -216,6 +216,11 @@ def _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_siz
     for v in variants:
         pairs = [(rs, site, iv) for site, raw in v.pairs
                  for iv in [as_intervention(raw)] for rs in site.resolve(model, grid)]
+        for rs, site, _ in pairs:
+            if rs.per_image and rs.tokens.shape[0] != b:
+                raise InputError(f"{site!r} selects tokens per image for {rs.tokens.shape[0]} "
+                                 f"images, but the target batch has {b}; pass one mask / Rect "
+                                 "per target image.")
         resolved.append(pairs)
         first = min((start_layer(model, rs.spec) for rs, _, _ in pairs), default=n)
         starts.append(min(first, grad_start) if prefix_reuse else -1)
@@ -396,7 +401,7 @@ def _patch_hooks(model, entries: list[_Entry], b: int, layout, sources):
         for e in group:
             rs = e.site
             key = (e.order, id(e.intervention),
-                   None if rs.tokens is None else len(rs.tokens),
+                   None if rs.tokens is None else tuple(rs.tokens.shape),
                    None if rs.heads is None else len(rs.heads),
                    None if rs.features is None else len(rs.features))
             keyed[key].append(e)
@@ -416,10 +421,15 @@ def _gather(es: list[_Entry], b: int, sizes: dict[str, int]) -> Gather:
     indexed = [a for a in (spec.token_axis, spec.head_axis,
                            spec.feature_axis if features else None) if a is not None]
     selections = []
+    valid = None
     for axis in range(1, max(indexed, default=0) + 1):
         if axis == spec.token_axis:
             picks = [e.site.tokens for e in es]
             full = sizes["token"]
+            if es[0].site.per_image:  # [E, B, k] and which entries are real
+                valid = torch.stack([e.site.token_valid for e in es])
+                if bool(valid.all()):
+                    valid = None
         elif axis == spec.head_axis:
             picks = [e.site.heads for e in es]
             full = sizes["head"]
@@ -431,7 +441,7 @@ def _gather(es: list[_Entry], b: int, sizes: dict[str, int]) -> Gather:
                              "lies before a token or head axis.")
         selections.append((axis, torch.stack([torch.arange(full) if p is None else p
                                               for p in picks])))
-    return Gather(rows, images, variants, tuple(selections), spec)
+    return Gather(rows, images, variants, tuple(selections), spec, valid)
 
 
 def _observer_hooks(observers, chunk: Tensor):
@@ -462,21 +472,47 @@ def _make_hook(plans, sources):
             idx = gather.index(gather.rows)
             selected = act[idx]
             iv = es[0].intervention
+            src = sources.get(id(iv), {}).get(gather.hook) if iv.reference is not None else None
             if isinstance(iv, Custom):
-                new = torch.stack([iv.apply_one(selected[i], hook, e.user_site)
-                                   for i, e in enumerate(es)])
+                new = _apply_custom(iv, selected, gather, es, hook, src)
             else:
-                src = sources.get(id(iv), {}).get(gather.hook) if iv.reference is not None else None
                 new = iv.values(selected, gather, src)
                 if new.shape != selected.shape:
                     raise InputError(
                         f"{iv!r} returned shape {tuple(new.shape)} for a selection of shape "
                         f"{tuple(selected.shape)} at {gather.hook}."
                     )
-            act = act.index_put(idx, new.to(act.dtype))
+            written = gather.written(selected)
+            if written is None:
+                act = act.index_put(idx, new.to(act.dtype))
+            else:  # per-image selections: only the real (unpadded) entries
+                full = [i.expand(written.shape) for i in idx]
+                act = act.index_put(tuple(i[written] for i in full), new[written].to(act.dtype))
         return act
 
     return hook_fn
+
+
+def _apply_custom(iv: Custom, selected: Tensor, gather: Gather, es: list[_Entry], hook,
+                  src: Tensor | None) -> Tensor:
+    """A `Custom` intervention, called per variant (and, for a per-image token selection,
+    per image with that image's real tokens only)."""
+    source = gather.take_source(src).to(selected.dtype) if src is not None else None
+    if gather.token_valid is None:
+        return torch.stack([iv.apply_one(selected[i], hook, e.user_site,
+                                         None if source is None else source[i])
+                            for i, e in enumerate(es)])
+    j = [a for a, _ in gather.selections].index(gather.spec.token_axis)
+    new = selected.clone()
+    counts = gather.token_valid.sum(-1)  # [E, B]: real entries come first
+    for i, e in enumerate(es):
+        for b in range(selected.shape[1]):
+            k = int(counts[i, b])
+            part = selected[i, b:b + 1].narrow(1 + j, 0, k)
+            src_part = None if source is None else source[i, b:b + 1].narrow(1 + j, 0, k)
+            new[i, b:b + 1].narrow(1 + j, 0, k).copy_(
+                iv.apply_one(part, hook, e.user_site, src_part))
+    return new
 
 
 # ---- one run, activations and gradients -------------------------------------------------------

@@ -30,8 +30,11 @@ class Gather:
     each row patches (used to pick aligned rows of a source); ``variants`` ``[E, B]`` the
     index of each row's variant in the whole sweep; ``selections`` one ``(axis, index [E, k])``
     per hook axis 1, 2, ... up to the last selected one (tokens, heads or features, in the
-    hook's own axis order; empty for hooks without such axes: whole rows). ``spec`` is the
-    hook's `HookSpec`. The gathered tensor is ``[E, B, k_1, k_2, ..., *remaining axes]``.
+    hook's own axis order; empty for hooks without such axes: whole rows). A per-image token
+    selection is ``[E, B, k]`` (each image its own tokens, padded to the largest count) with
+    ``token_valid [E, B, k]`` marking real entries: padded entries are gathered (repeating a
+    real index) but never written back. ``spec`` is the hook's `HookSpec`. The gathered
+    tensor is ``[E, B, k_1, k_2, ..., *remaining axes]``.
     """
 
     rows: Tensor
@@ -39,6 +42,7 @@ class Gather:
     variants: Tensor
     selections: tuple[tuple[int, Tensor], ...]
     spec: HookSpec
+    token_valid: Tensor | None = None
 
     @property
     def hook(self) -> str:
@@ -70,9 +74,22 @@ class Gather:
         out = [batch.view(e, b, *([1] * m))]
         for j, (_, sel) in enumerate(self.selections):
             shape = [e, 1] + [1] * m
-            shape[2 + j] = sel.shape[1]
+            if sel.ndim == 3:  # per image
+                shape[1] = b
+            shape[2 + j] = sel.shape[-1]
             out.append(sel.view(shape))
         return tuple(out)
+
+    def written(self, selected: Tensor) -> Tensor | None:
+        """``[E, B, k_1, ..., k_m]`` True where a gathered entry is real (None: all are)."""
+        if self.token_valid is None:
+            return None
+        m = len(self.selections)
+        j = [a for a, _ in self.selections].index(self.spec.token_axis)
+        e, b, k = self.token_valid.shape
+        shape = [e, b] + [1] * m
+        shape[2 + j] = k
+        return self.token_valid.view(shape).expand(selected.shape[: 2 + m])
 
     def take(self, act: Tensor) -> Tensor:
         return act[self.index(self.rows)]
@@ -85,7 +102,8 @@ class Gather:
 
     def to(self, device) -> Gather:
         return Gather(self.rows.to(device), self.images.to(device), self.variants.to(device),
-                      tuple((a, t.to(device)) for a, t in self.selections), self.spec)
+                      tuple((a, t.to(device)) for a, t in self.selections), self.spec,
+                      None if self.token_valid is None else self.token_valid.to(device))
 
 
 class Intervention:
@@ -265,17 +283,30 @@ class Custom(Intervention):
     the selected part of one variant's activation, ``[B, ...]`` in the hook's own axis order
     (B target images; the token, head or feature axes hold only the selected indices, e.g.
     ``[B, T, H, d_head]`` at ``hook_z``, ``[B, H, T, key_pos]`` at ``hook_pattern``), and must
-    return a tensor of the same shape."""
+    return a tensor of the same shape. With a per-image token selection it is called once per
+    image, ``[1, T_i, ...]`` with that image's tokens.
 
-    def __init__(self, fn: Callable[[Tensor, Any, Any], Tensor], site: Any = None):
-        _check_custom_signature(fn)
+    With ``source=`` images (one per target image, or one for all) the function also gets the
+    same selection of the source's activation: ``fn(activation, hook, site, source_activation)``
+    (the engine runs the source once, like `Interchange`), e.g. a blend
+    ``lambda a, hook, site, src: 0.5 * a + 0.5 * src``."""
+
+    def __init__(self, fn: Callable[..., Tensor], site: Any = None, *,
+                 source: Tensor | None = None):
+        _check_custom_signature(fn, 3 if source is None else 4)
         self.fn, self.site = fn, site
+        self.reference = source
+
+    def prepare(self, acts, target_batch, specs):
+        return Interchange.prepare(self, acts, target_batch, specs)
 
     def values(self, act, where, source):
         raise RuntimeError("Custom interventions are applied per variant by the engine.")
 
-    def apply_one(self, act: Tensor, hook, site) -> Tensor:
-        out = self.fn(act.clone(), hook, site)
+    def apply_one(self, act: Tensor, hook, site, source: Tensor | None = None) -> Tensor:
+        args = (act.clone(), hook, site) if self.reference is None else \
+            (act.clone(), hook, site, source)
+        out = self.fn(*args)
         if not isinstance(out, Tensor) or out.shape != act.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise InputError(
@@ -285,7 +316,8 @@ class Custom(Intervention):
         return out
 
     def __repr__(self) -> str:
-        return f"Custom({getattr(self.fn, '__name__', 'fn')})"
+        src = "" if self.reference is None else ", source"
+        return f"Custom({getattr(self.fn, '__name__', 'fn')}{src})"
 
 
 class PerVariant(Intervention):
@@ -326,8 +358,9 @@ def as_intervention(obj: Any) -> Intervention:
     raise InputError(f"{obj!r} is neither an Intervention nor a callable (activation, hook, site).")
 
 
-def _check_custom_signature(fn: Callable) -> None:
-    """Refuse a TransformerLens-style two-argument hook ``fn(activation, hook)`` up front."""
+def _check_custom_signature(fn: Callable, n: int = 3) -> None:
+    """Refuse a TransformerLens-style two-argument hook ``fn(activation, hook)`` up front (and
+    a function that cannot take the source activation when ``n=4``)."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature: let the call decide
@@ -336,7 +369,12 @@ def _check_custom_signature(fn: Callable) -> None:
         return
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [p for p in positional if p.default is p.empty]
-    if len(positional) < 3 or len(required) > 3:
+    if n == 4 and (len(positional) < 4 or len(required) > 4):
+        name = getattr(fn, "__name__", repr(fn))
+        raise InputError(
+            f"Custom(..., source=...) calls {name!r} as fn(activation, hook, site, "
+            f"source_activation); it takes {len(positional)} positional argument(s).")
+    if len(positional) < 3 or (n == 3 and len(required) > 3):
         name = getattr(fn, "__name__", repr(fn))
         raise InputError(
             f"The intervention {name!r} takes {len(positional)} positional argument(s); patchlens "

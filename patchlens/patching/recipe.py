@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from patchlens.errors import InputError
+from patchlens.metrics import metric_name
 from patchlens.patching.engine import Variant, run_variants
 from patchlens.patching.interventions import as_intervention
 from patchlens.patching.results import PatchResult
@@ -22,9 +23,11 @@ AXIS_NAMES = {"layers": "layer", "tokens": "token", "heads": "head", "features":
 
 def patch(model, x: Tensor, pairs: Sequence[tuple[Site, Any]], return_type: str = "logits",
           **engine_kwargs: Any) -> Tensor:
-    """One patched forward pass of ``x`` with every (site, intervention) pair applied."""
+    """One patched forward pass of ``x`` with every (site, intervention) pair applied; other
+    keyword arguments go to `run_variants` (``batch_size``, ``progress`` (default off), ...)."""
+    engine_kwargs.setdefault("progress", False)
     res = run_variants(model, x, [Variant(list(pairs), "patched")], return_type=return_type,
-                       progress=False, **engine_kwargs)
+                       **engine_kwargs)
     return res.outputs[0]
 
 
@@ -82,7 +85,10 @@ class Recipe:
     def sweep(self, model, x: Tensor, metric: Callable[[Tensor], Tensor], labels: dict | None = None,
               **kwargs: Any) -> PatchResult:
         """Run the recipe for every combination of ``layers=``, ``tokens=``, ``heads=`` values
-        and return the metric as a `PatchResult` (averaged over the target images)."""
+        and return a `PatchResult`: ``values`` the metric of each patched run (averaged over
+        the target images), ``baseline`` the metric of the unpatched run of ``x`` (run in the
+        same sweep), ``effects`` = values − baseline, ``per_example [batch, *axes]``. Other
+        keyword arguments go to `run_variants` (``batch_size``, ``progress``, ...)."""
         axes = {k: _values(k, kwargs.pop(k)) for k in list(kwargs) if k in AXIS_NAMES}
         engine = set(inspect.signature(run_variants).parameters) - {"model", "x", "variants",
                                                                     "metric"}
@@ -91,17 +97,29 @@ class Recipe:
             raise InputError(f"sweep varies {sorted(AXIS_NAMES)} and passes {sorted(engine)} to "
                              f"the engine; got {unknown}.")
         variants = self.variants(**axes)
-        res = run_variants(model, x, variants, metric=metric, **kwargs)
+        res = run_variants(model, x, variants + [Variant([], "unpatched")], metric=metric,
+                           **kwargs)
         shape = [len(list(v)) for v in axes.values()]
-        per_example = res.outputs.reshape(*shape, x.shape[0])
+        per_example = res.outputs[:-1].reshape(*shape, x.shape[0]).movedim(-1, 0)
         names = tuple(AXIS_NAMES[k] for k in axes)
         coords = {AXIS_NAMES[k]: list(v) for k, v in axes.items()}
         labels = labels or {}
-        lab = {n: labels.get(n, [str(c) for c in coords[n]]) for n in names}
+        lab = {n: labels.get(n, [_label(c) for c in coords[n]]) for n in names}
         with torch.no_grad():
-            return PatchResult(per_example.mean(-1), names, lab, per_example=per_example,
-                               coords=coords, layout=model.layout_for(tuple(x.shape[-2:])),
-                               meta={"recipe": self.name})
+            return PatchResult(per_example.mean(0), names, lab, per_example=per_example,
+                               baseline=res.outputs[-1], coords=coords,
+                               layout=model.layout_for(tuple(x.shape[-2:])),
+                               images=model.to_image(x).cpu(),
+                               meta={"recipe": self.name, "metric": metric_name(metric)})
+
+
+def _label(value: Any) -> str:
+    """A readable axis label for a swept Site field value (a tensor mask or a Rect shows its
+    kind and size, not its repr)."""
+    if isinstance(value, Tensor):
+        return f"mask({int(value.sum())})" if value.dtype == torch.bool else \
+            f"tensor({value.numel()})"
+    return str(value)
 
 
 def _values(axis: str, values: Any) -> list:

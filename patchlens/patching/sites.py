@@ -12,14 +12,19 @@ from torch import Tensor
 from patchlens.errors import InputError, unknown_hook_error
 from patchlens.model.hooks import HookSpec, check_axis_selection
 
-TokenSelector = Any  # int | list[int] | str | (row, col) | bool mask | Rect | Tensor
+TokenSelector = Any  # int | list[int] | str | (row, col) | bool mask | Rect | Tensor | per image
 LayerSelector = Any  # int | list[int] | range | "all" | None
 
 
 @dataclass(frozen=True)
 class Rect:
     """A rectangle of the patch grid: rows ``[r0, r1)`` x cols ``[c0, c1)`` (non-negative
-    ints, ``r0 < r1``, ``c0 < c1``; checked against the grid when resolved)."""
+    ints, ``r0 < r1``, ``c0 < c1``; checked against the grid when resolved).
+
+    Note the order: a `Rect` is **(row range, column range)** on the patch grid, while a pixel
+    box is **(x0, y0, x1, y1)** in pixels (columns first, end-exclusive, the clutter-digits and
+    torchvision convention). Convert with `Rect.from_box`.
+    """
 
     r0: int
     r1: int
@@ -37,11 +42,56 @@ class Rect:
                 "0 <= c0 < c1 (no negative indices)."
             )
 
+    @classmethod
+    def from_box(cls, box, patch_size, cover: str = "any") -> Rect:
+        """The patches of a pixel box ``(x0, y0, x1, y1)`` (end-exclusive pixels; x = column,
+        y = row) for patches of ``patch_size`` (an int, ``(ph, pw)``, or a `HookedViT`):
+        ``cover="any"`` every patch the box touches, ``"all"`` only patches entirely inside
+        it (refused if there is none)."""
+        ph, pw = _patch_size(patch_size)
+        vals = [int(v) for v in (box.tolist() if isinstance(box, Tensor) else box)]
+        if len(vals) != 4:
+            raise InputError(f"A pixel box is (x0, y0, x1, y1), got {box!r}.")
+        x0, y0, x1, y1 = vals
+        if not (0 <= x0 < x1 and 0 <= y0 < y1):
+            raise InputError(f"Pixel box (x0={x0}, y0={y0}, x1={x1}, y1={y1}) is empty or "
+                             "negative; boxes are (x0, y0, x1, y1) with x0 < x1, y0 < y1.")
+        if cover == "any":
+            r0, r1, c0, c1 = y0 // ph, -(-y1 // ph), x0 // pw, -(-x1 // pw)
+        elif cover == "all":
+            r0, r1, c0, c1 = -(-y0 // ph), y1 // ph, -(-x0 // pw), x1 // pw
+            if r0 >= r1 or c0 >= c1:
+                raise InputError(f"No whole {ph}x{pw} patch lies inside the box {tuple(vals)}; "
+                                 "use cover='any'.")
+        else:
+            raise InputError(f"cover must be 'any' or 'all', got {cover!r}.")
+        return cls(r0, r1, c0, c1)
+
+    @classmethod
+    def from_boxes(cls, boxes, patch_size, cover: str = "any") -> list[Rect]:
+        """One `Rect` per pixel box of ``boxes`` ``[B, 4]`` ``(x0, y0, x1, y1)``: a per-image
+        token selection (``Site(tokens=Rect.from_boxes(data.boxes, model))``)."""
+        return [cls.from_box(b, patch_size, cover) for b in boxes]
+
+
+def _patch_size(patch_size) -> tuple[int, int]:
+    cfg = getattr(patch_size, "cfg", None)
+    if cfg is not None:
+        return tuple(cfg.patch_size)
+    if isinstance(patch_size, int):
+        return (patch_size, patch_size)
+    ph, pw = patch_size
+    return int(ph), int(pw)
+
 
 @dataclass(frozen=True)
 class ResolvedSite:
     """One hook point of a `Site` with its selections as index tensors (None = everything)
-    and the hook's `HookSpec` (which says where the token and head axes are)."""
+    and the hook's `HookSpec` (which says where the token and head axes are).
+
+    ``tokens`` is ``[k]`` (the same tokens in every image) or, for a per-image selection,
+    ``[B, k]`` padded to the largest image's count with ``token_valid [B, k]`` marking the
+    real entries (padding repeats a real index; the engine never writes it)."""
 
     hook: str
     layer: int | None
@@ -49,6 +99,11 @@ class ResolvedSite:
     heads: Tensor | None
     spec: HookSpec
     features: Tensor | None = None
+    token_valid: Tensor | None = None
+
+    @property
+    def per_image(self) -> bool:
+        return self.tokens is not None and self.tokens.ndim == 2
 
     @property
     def token_dim(self) -> int | None:
@@ -71,7 +126,9 @@ class Site:
         layers: an int, list, range or ``"all"`` (ignored for full names, which carry a layer).
         tokens: ``"all"``, ``"cls"``, ``"dist"``, ``"registers"``, ``"patches"``, ``"prefix"``,
             an int or list of token indices, a ``(row, col)`` patch, a boolean patch-grid mask
-            ``[grid_h, grid_w]``, or a `Rect`. For attention patterns, tokens select the query.
+            ``[grid_h, grid_w]``, or a `Rect`; or **one selection per target image**: a boolean
+            mask ``[batch, grid_h, grid_w]`` or a list of `Rect` (one per image; see
+            `Rect.from_boxes` for pixel boxes). For attention patterns, tokens select the query.
         heads: an int or list (for per-head hooks: q, k, v, z, result, pattern, q/k/v_input).
         features: an int or list of feature indices (for hooks with a ``feature`` axis, e.g. a
             spliced sparse autoencoder's ``hook_sae_acts_post``).
@@ -143,10 +200,15 @@ class Site:
             check_axis_selection(spec, tokens=not _is_all(self.tokens),
                                  heads=self.heads is not None,
                                  features=self.features is not None)
-            tokens = None if spec.token_axis is None else resolve_tokens(self.tokens, layout)
+            tokens, valid = None, None
+            if spec.token_axis is not None:
+                if is_per_image(self.tokens):
+                    tokens, valid = resolve_tokens_per_image(self.tokens, layout)
+                else:
+                    tokens = resolve_tokens(self.tokens, layout)
             heads = None if self.heads is None else resolve_heads(self.heads, model.cfg.n_heads)
             feats = None if self.features is None else resolve_features(self.features)
-            out.append(ResolvedSite(name, layer, tokens, heads, spec, feats))
+            out.append(ResolvedSite(name, layer, tokens, heads, spec, feats, valid))
         return out
 
     def is_per_layer(self, model) -> bool:
@@ -236,7 +298,32 @@ def resolve_features(features: int | Sequence[int] | Tensor) -> Tensor:
     return torch.tensor(sorted(set(fs)), dtype=torch.long)
 
 
-def resolve_tokens(tokens: TokenSelector, layout) -> Tensor | None:
+def is_per_image(tokens: TokenSelector) -> bool:
+    """A per-image token selection: a bool mask ``[B, gh, gw]`` or a list of `Rect`."""
+    if isinstance(tokens, Tensor):
+        return tokens.dtype == torch.bool and tokens.ndim == 3
+    return isinstance(tokens, (list, tuple)) and len(tokens) > 0 and all(
+        isinstance(t, Rect) for t in tokens)
+
+
+def resolve_tokens_per_image(tokens: TokenSelector, layout) -> tuple[Tensor, Tensor]:
+    """A per-image selection -> ``(tokens [B, k], valid [B, k])``: each image's token indices
+    (sorted), padded to the largest count by repeating its last index."""
+    if isinstance(tokens, Tensor):
+        if tuple(tokens.shape[1:]) != tuple(layout.grid):
+            raise InputError(f"A per-image patch mask is [batch, grid_h, grid_w] = [batch, "
+                             f"{layout.grid[0]}, {layout.grid[1]}], got {tuple(tokens.shape)}.")
+        per = [resolve_tokens(m, layout, f"the mask of image {i}")
+               for i, m in enumerate(tokens.cpu())]
+    else:
+        per = [resolve_tokens(r, layout, f"the Rect of image {i}") for i, r in enumerate(tokens)]
+    k = max(len(t) for t in per)
+    idx = torch.stack([torch.cat([t, t[-1:].expand(k - len(t))]) for t in per])
+    valid = torch.stack([torch.arange(k) < len(t) for t in per])
+    return idx, valid
+
+
+def resolve_tokens(tokens: TokenSelector, layout, what: str | None = None) -> Tensor | None:
     """Token selector -> token index tensor (None = all tokens)."""
     n = layout.n_tokens
     if isinstance(tokens, str):
@@ -260,6 +347,10 @@ def resolve_tokens(tokens: TokenSelector, layout) -> Tensor | None:
     elif isinstance(tokens, Rect):
         idx = layout.rect_tokens((tokens.r0, tokens.r1), (tokens.c0, tokens.c1))
     elif isinstance(tokens, Tensor) and tokens.dtype == torch.bool:
+        if tokens.ndim == 3:
+            raise InputError("A per-image mask [batch, grid_h, grid_w] selects different tokens "
+                             "in each image; it cannot be used where one token set is needed "
+                             "(e.g. as a sweep axis).")
         idx = layout.mask_tokens(tokens)
     elif isinstance(tokens, tuple) and len(tokens) == 2 and all(isinstance(v, int) for v in tokens):
         idx = [layout.token(*tokens)]
@@ -284,7 +375,7 @@ def resolve_tokens(tokens: TokenSelector, layout) -> Tensor | None:
     else:
         raise InputError(f"Cannot read {tokens!r} as a token selector.")
     if len(idx) == 0:
-        raise InputError(f"The token selector {_short(tokens)} selects no token.")
+        raise InputError(f"The token selector {what or _short(tokens)} selects no token.")
     for t in idx:
         if not -n <= t < n:
             raise InputError(f"Token {t} is out of range: the model has {n} tokens (0..{n - 1}).")

@@ -91,9 +91,11 @@ def activation_patching(
         diagnose: a fitted `patchlens.diagnostics.Reference` to attach a divergence report.
 
     Returns:
-        `PatchResult` with ``values [*axes]`` (mean over the pairs) and ``per_example``:
-        the patched metric (normalised recovery with a `recovery` metric); for
-        ``method="attribution"`` its first-order estimate.
+        `PatchResult`: ``values [*axes]`` the patched metric averaged over the pairs
+        (normalised recovery with a `recovery` metric; for ``method="attribution"`` its
+        first-order estimate), ``per_example [batch, *axes]``, ``baseline [batch]`` the
+        unpatched target run's metric (the corrupted run when denoising), and ``effects`` =
+        values − baseline (what ``repr``, ``top`` and ``plot`` show).
     """
     site = _validate(model, clean, corrupted, site, per, direction, method, diagnose, regions)
     target, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
@@ -114,11 +116,13 @@ def activation_patching(
     else:  # estimated patched metric = unpatched + first-order change
         per_variant = m_target + attribution_estimates(model, target, source, metric,
                                                        sweep.variants)
-    if isinstance(metric, Recovery):
+    normalized = isinstance(metric, Recovery)
+    if normalized:
         per_variant = metric.normalise(per_variant, m_clean, m_corrupted)
-    result = _assemble(model, sweep, per_variant, target, m_clean, m_corrupted, m_target,
+        m_target = metric.normalise(m_target, m_clean, m_corrupted)
+    result = _assemble(model, sweep, per_variant, clean, m_clean, m_corrupted, m_target,
                        meta={"site": site, "per": per, "direction": direction, "method": method,
-                             "metric": metric_name(metric)})
+                             "metric": metric_name(metric), "normalized": normalized})
     if diagnose is not None:
         from patchlens.diagnostics.report import diagnose_sweep
 
@@ -182,15 +186,15 @@ def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, di
     return _Sweep(axes, names, {n: labels[n] for n in names}, coords, variants)
 
 
-def _assemble(model, sweep: _Sweep, per_variant: Tensor, target, m_clean, m_corrupted, m_target,
+def _assemble(model, sweep: _Sweep, per_variant: Tensor, clean, m_clean, m_corrupted, m_target,
               meta: dict) -> PatchResult:
     shape = [len(v) for v in sweep.axes.values()]
-    per_example = per_variant.reshape(*shape, target.shape[0]).detach()
+    per_example = per_variant.reshape(*shape, clean.shape[0]).movedim(-1, 0).detach()
     return PatchResult(
-        per_example.mean(-1), sweep.names, sweep.labels, per_example=per_example,
-        clean=m_clean, corrupted=m_corrupted, coords=sweep.coords,
-        layout=model.layout_for(tuple(target.shape[-2:])), image=model.to_image(target[0]),
-        meta={"recipe": "activation patching", **meta, "baseline": m_target.mean().item()},
+        per_example.mean(0), sweep.names, sweep.labels, per_example=per_example,
+        clean=m_clean, corrupted=m_corrupted, baseline=m_target.detach(), coords=sweep.coords,
+        layout=model.layout_for(tuple(clean.shape[-2:])), images=model.to_image(clean).cpu(),
+        meta={"recipe": "activation patching", **meta},
     )
 
 
@@ -257,6 +261,16 @@ def selection_sum(values: Tensor, rs: ResolvedSite) -> Tensor:
     v = values
     for axis, idx in ((rs.spec.token_axis, rs.tokens), (rs.spec.head_axis, rs.heads),
                       (rs.spec.feature_axis, rs.features)):
-        if axis is not None and idx is not None:
-            v = v.index_select(axis, idx.to(v.device))
+        if axis is None or idx is None:
+            continue
+        idx = idx.to(v.device)
+        if idx.ndim == 1:
+            v = v.index_select(axis, idx)
+        else:  # per-image tokens [B, k]: each image's own, padding zeroed
+            shape = [v.shape[0]] + [1] * (v.ndim - 1)
+            shape[axis] = idx.shape[1]
+            v = v.gather(axis, idx.view(shape).expand(
+                *[idx.shape[1] if a == axis else n for a, n in enumerate(v.shape)]))
+            if rs.token_valid is not None:
+                v = v * rs.token_valid.to(v.device).view(shape).to(v.dtype)
     return v.reshape(v.shape[0], -1).sum(1)

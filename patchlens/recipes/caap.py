@@ -88,8 +88,9 @@ def caap(
         seed: seed of the ``"noise"`` context.
 
     Returns:
-        `AttributionMap` with ``values [batch, grid_h, grid_w]`` = score(patched) - score(context);
-        ``meta`` has the context score ``[batch]`` and the score on the images themselves.
+        `AttributionMap` with ``values [batch, grid_h, grid_w]`` = score(patched) - score(context)
+        (effects), ``baseline [batch]`` the context's score (so ``patched`` = values +
+        baseline); ``meta`` also has the context score and the score on the images themselves.
     """
     check_batch(model, images, "images")
     seed = check_int("seed", seed)
@@ -140,7 +141,7 @@ def caap(
             "image_score": full}
     if score == "logit_diff":
         meta["second_class"] = metric.other
-    return AttributionMap(values, "caap", tgt, model.to_image(x).cpu(), meta)
+    return AttributionMap(values, "caap", tgt, model.to_image(x).cpu(), meta, baseline=base)
 
 
 # ---- checks and pieces ------------------------------------------------------------------------

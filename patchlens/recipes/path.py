@@ -137,10 +137,14 @@ def path_patching(
             ``"denoising"`` (corrupted run, sender takes its clean value).
         mlps: ``"frozen"`` (MLP outputs frozen like heads: only the direct path counts) or
             ``"recompute"`` (MLPs recomputed: paths through MLPs count too).
-        normalize: divide effects by ``m_clean - m_corrupted``.
+        normalize: report normalised recovery ``(m - m_corrupted) / (m_clean - m_corrupted)``
+            (as with a `patchlens.metrics.recovery` metric), so effects are divided by
+            ``m_clean - m_corrupted``.
 
     Returns:
-        `PatchResult` of effects ``m_patched - m_unpatched`` (the run's own baseline).
+        `PatchResult`: ``values`` the patched metric (step 3's run), ``baseline [batch]`` the
+        unpatched target run's metric, ``effects`` = values − baseline (what ``repr``,
+        ``top`` and ``plot`` show), ``per_example [batch, *axes]``.
     """
     senders, receivers = _validate(model, clean, corrupted, senders, receivers, direction, mlps,
                                    combine, diagnose, normalize)
@@ -152,13 +156,16 @@ def path_patching(
     step2 = _sender_variants(model, senders, target, other, direction, mlps)
     effects = _receiver_effects(model, senders, groups, step2, target, metric, m_base, engine)
     normalized = isinstance(metric, Recovery) or normalize
-    if normalized:
-        effects = effects / recovery_denominator(m_clean, m_corrupted)
-    axes, labels, coords, per_example = _sender_axes(model, senders, groups, effects)
+    patched = effects + m_base
+    if normalized:  # normalised recovery: (m - m_corrupted) / (m_clean - m_corrupted)
+        denom = recovery_denominator(m_clean, m_corrupted)
+        patched = effects / denom + (m_base - m_corrupted) / denom
+        m_base = (m_base - m_corrupted) / denom
+    axes, labels, coords, per_example = _sender_axes(model, senders, groups, patched)
     result = PatchResult(
-        per_example.mean(-1), axes, labels, per_example=per_example, clean=m_clean,
-        corrupted=m_corrupted, coords=coords, layout=model.layout_for(tuple(clean.shape[-2:])),
-        image=model.to_image(target[0]),
+        per_example.mean(0), axes, labels, per_example=per_example, clean=m_clean,
+        corrupted=m_corrupted, baseline=m_base, coords=coords,
+        layout=model.layout_for(tuple(clean.shape[-2:])), images=model.to_image(clean).cpu(),
         meta={"recipe": "path patching", "direction": direction, "mlps": mlps,
               "receivers": ", ".join(str(r) for r in receivers), "metric": metric_name(metric),
               "normalized": bool(normalized)},
@@ -259,4 +266,4 @@ def _sender_axes(model, senders, groups, effects):
     else:
         per = per.squeeze(-2)
     del n
-    return axes, labels, coords, per
+    return axes, labels, coords, per.movedim(-1, 0)  # batch first

@@ -63,17 +63,17 @@ def values(fn: Callable[..., Any], *, key: str = "values", **kwargs: Any) -> Rec
 
 def per_example(fn: Callable[..., Any], *, key: str = "per_example", **kwargs: Any) -> RecipeFn:
     """Adapt a `PatchResult`-returning sweep (``activation_patching``, ``path_patching``):
-    ``fn(model, clean, corrupted, **kwargs)`` -> ``{key: per_example [B, *axes], "clean": [B],
-    "corrupted": [B]}``. Shards are batch-first: `PatchResult.per_example` holds the batch
-    axis last (``[*axes, B]``), so it is moved to the front here."""
+    ``fn(model, clean, corrupted, **kwargs)`` -> ``{key: per_example [B, *axes] (the patched
+    metric), "baseline": [B] (the unpatched target run's), "clean": [B], "corrupted": [B]}``;
+    effects are ``per_example - baseline``. Batch first, like `PatchResult.per_example`."""
     _check_method(fn)
 
     def recipe(model, batch):
         res = fn(model, *_inputs(batch), **_kwargs(kwargs, batch))
         if res.per_example is None:
             raise InputError(f"{getattr(fn, '__name__', fn)} returned no per_example values.")
-        out = {key: res.per_example.movedim(-1, 0)}
-        for name in ("clean", "corrupted"):
+        out = {key: res.per_example}
+        for name in ("baseline", "clean", "corrupted"):
             v = getattr(res, name, None)
             if isinstance(v, Tensor) and v.ndim == 1:
                 out[name] = v

@@ -273,7 +273,9 @@ def generate(
     Args:
         n: number of images.
         split: ``"train"`` or ``"test"``: which (disjoint) set of digit scans to draw from.
-        seed: seed; the output is a pure function of all arguments.
+        seed: seed; the output is a pure function of all arguments, but not prefix-stable
+            (``generate(200, seed=s)`` differs from ``generate(2000, seed=s)[:200]``: slice a
+            larger set for a subset).
         image_size: canvas size ``H`` or ``(H, W)``, each at least 64.
         shortcut: ``None``/``"off"``: no marker. ``"train"``: a marker with probability
             ``marker_prob`` encoding the true label. ``"on"``: always, true label.
