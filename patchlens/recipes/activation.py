@@ -172,7 +172,7 @@ def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, di
         tok_list = list(range(layout.n_tokens)) if tok is None else tok.tolist()
         axes["tokens"], labels["token"] = tok_list, [layout.label(t) for t in tok_list]
     elif per == "region":
-        named = _regions(regions, layout)
+        named = _regions(regions, layout, source.shape[0])
         axes["tokens"], labels["region"] = list(named.values()), list(named)
     else:
         fixed["tokens"] = tokens
@@ -198,9 +198,10 @@ def _assemble(model, sweep: _Sweep, per_variant: Tensor, clean, m_clean, m_corru
     )
 
 
-def _regions(regions, layout) -> dict[str, Any]:
+def _regions(regions, layout, batch: int) -> dict[str, Any]:
     """``regions=`` (a dict name -> mask, a list of masks or a bool tensor ``[R, gh, gw]``) as
-    named boolean patch-grid masks or `Rect` objects, each checked against the grid."""
+    named boolean patch-grid masks or `Rect` objects, each checked against the grid. A region
+    may differ per image: a bool mask ``[batch, gh, gw]`` or a list of one `Rect` per image."""
     if isinstance(regions, Tensor) and regions.ndim == 3:
         regions = list(regions)
     if regions is None or (isinstance(regions, (dict, list, tuple)) and len(regions) == 0):
@@ -211,14 +212,21 @@ def _regions(regions, layout) -> dict[str, Any]:
                          f"tensor [R, grid_h, grid_w], got {type(regions).__name__}.")
     named = regions if isinstance(regions, dict) else {f"region{i}": r
                                                       for i, r in enumerate(regions)}
+    grid = tuple(layout.grid)
     for name, mask in named.items():
-        if not isinstance(mask, Rect) and not (isinstance(mask, Tensor) and mask.dtype == torch.bool
-                                               and tuple(mask.shape) == tuple(layout.grid)):
+        per_image = ((isinstance(mask, Tensor) and mask.dtype == torch.bool
+                      and tuple(mask.shape) == (batch, *grid))
+                     or (isinstance(mask, (list, tuple)) and len(mask) == batch
+                         and all(isinstance(r, Rect) for r in mask)))
+        if not per_image and not isinstance(mask, Rect) and not (
+                isinstance(mask, Tensor) and mask.dtype == torch.bool
+                and tuple(mask.shape) == grid):
             got = (f"dtype {mask.dtype} shape {tuple(mask.shape)}" if isinstance(mask, Tensor)
                    else type(mask).__name__)
             raise InputError(
-                f"regions[{name!r}] must be a boolean patch-grid mask of shape "
-                f"{tuple(layout.grid)} or a Rect, got {got}; build one with torch.zeros(*grid, "
+                f"regions[{name!r}] must be a boolean patch-grid mask of shape {grid}, a Rect, "
+                f"or one per image (a mask {(batch, *grid)} or a list of {batch} Rects), got "
+                f"{got}; build one with torch.zeros(*grid, "
                 "dtype=torch.bool) and set the region's cells to True (a 0/1 mask: mask.bool())."
             )
     return dict(named)
