@@ -190,8 +190,11 @@ def integrated_gradients(model, images, target=None, n_steps: int = 32,
 def occlusion(model, images, target=None, window: int | None = None,
               perturbations_per_eval: int = 64) -> AttributionMap:
     """Occlusion (Zeiler & Fergus 2014) through captum: each patch (or ``window`` pixels, stride
-    = window) set to the mean colour (zeros in normalised space); the drop of the target logit,
-    summed per patch."""
+    = window) set to the mean colour (zeros in normalised space). Values in logit units: per
+    patch, the drop of the target logit when that patch is occluded (with another ``window``,
+    the mean over the patch's pixels of the drop of the window covering each pixel), so
+    occlusion and CAAP maps share a scale. captum spreads a window's drop over each of its
+    ``C x h x w`` inputs; summing them would multiply the drop by ``C * h * w``."""
     from captum.attr import Occlusion
 
     tgt = _prepare(model, images, target)
@@ -202,7 +205,8 @@ def occlusion(model, images, target=None, window: int | None = None,
         attr = Occlusion(model).attribute(
             images, sliding_window_shapes=(c, wh, ww), strides=(c, wh, ww), baselines=0.0,
             target=tgt.tolist(), perturbations_per_eval=perturbations_per_eval)
-    return _make(model, images, _pool_pixels(model, attr), "occlusion", tgt)
+    drop = F.avg_pool2d(attr.mean(1, keepdim=True), (ph, pw))[:, 0]  # per-pixel drop, averaged
+    return _make(model, images, drop, "occlusion", tgt)
 
 
 def rise(model, images, target=None, n_masks: int = 1000, cells: int | None = None,

@@ -120,7 +120,7 @@ def activation_patching(
     # every variant has one pair; fix the site fields that do not vary
     collector = None
     if diagnose is not None and method == "exact":  # reduced inside the sweep's own run
-        from patchlens.diagnostics.report import sweep_collector
+        from patchlens.diagnostics.diagnose import sweep_collector
 
         collector = sweep_collector(model, target, variants, diagnose)
     if method == "exact":
@@ -149,7 +149,7 @@ def activation_patching(
               "method": method, "metric": metric_name(metric), "baseline": m_target.mean().item()},
     )
     if diagnose is not None:
-        from patchlens.diagnostics.report import diagnose_sweep
+        from patchlens.diagnostics.diagnose import diagnose_sweep
 
         result.divergence = diagnose_sweep(model, target, variants, diagnose, result,
                                            collector=collector)
