@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, sync  # noqa: E402
 
 import patchlens as pl  # noqa: E402
-from patchlens.recipes.caap import blur  # noqa: E402
+from patchlens.model.preprocess import blur  # noqa: E402
 
 
 def naive(model, x, ctx, target: int, start: int, end: int) -> torch.Tensor:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     n_patch = model.layout.n_patches
     with torch.inference_mode():
         target = int(model(x).argmax())
-        ctx = blur(model, x)
+        ctx = blur(model.cfg, x)
         resid = model(ctx, stop_at_layer=s).repeat(n_patch, 1, 1)
 
     def run_caap():

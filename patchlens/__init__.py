@@ -5,8 +5,7 @@ activations, trace paths, attribute with CAAP, and check how far interventions d
 model's natural distribution.
 """
 
-from patchlens import metrics
-from patchlens.attribution.maps import AttributionMap
+from patchlens import metrics, zoo
 from patchlens.errors import (
     CheckpointMismatchError,
     InputError,
@@ -35,6 +34,7 @@ from patchlens.patching import (
     patch,
     run_variants,
 )
+from patchlens.patching.attribution_map import AttributionMap
 from patchlens.recipes.activation import activation_patching
 from patchlens.recipes.caap import caap
 from patchlens.recipes.path import Node, all_heads, all_heads_and_mlps, path_patching
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "metrics",
+    "zoo",
     "activation_patching",
     "caap",
     "AttributionMap",

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookPoint
 
 from patchlens.errors import InputError, UnsupportedModelError
 from patchlens.model.hooked_vit import HookedViT
@@ -166,7 +165,7 @@ def attach_zeroshot_head(
     for a headless model (SigLIP), the pooled features are the image embedding.
     """
     cfg = hooked.cfg
-    zs = cfg.extra.get("zeroshot")
+    zs = cfg.zeroshot
     if zs is not None:
         proj, embed_dim = hooked.image_proj, zs["embed_dim"]
     elif hooked.head is not None:
@@ -194,25 +193,14 @@ def attach_zeroshot_head(
     names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
     if len(names) != n:
         raise InputError(f"{len(names)} class names for {n} rows of text features.")
-    cfg.n_classes = cfg.d_vocab = n  # mutated in place: the blocks share this config object
-    cfg.head_bias = True
-    cfg.extra = {**cfg.extra, "zeroshot": {  # a new dict: cfg.replace() copies share `extra`
+    hooked.set_output_head(head, zeroshot={
         "embed_dim": embed_dim,
         "image_proj": proj is not None,
         "class_names": names,
         "templates": list(templates),
         "logit_scale": float(scale),
         "logit_bias": None if logit_bias is None else bias,
-    }}
-    logits_hook = hooked.hook_logits
-    del hooked.head, hooked.hook_logits  # re-added below, so modules keep the forward order
-    hooked.image_proj = proj
-    if getattr(hooked, "hook_image_embed", None) is None:
-        hooked.hook_image_embed = HookPoint()
-        hooked.hook_normalized_embed = HookPoint()
-    hooked.head = head
-    hooked.hook_logits = logits_hook
-    hooked.setup()
+    }, image_proj=proj)
     return hooked.eval()
 
 
@@ -233,7 +221,7 @@ def zeroshot_head(
     Args:
         clip_model: an open_clip ``CLIP`` / ``CustomTextCLIP``, or a transformers ``CLIPModel``
             / ``SiglipModel``; its text tower embeds the prompts.
-        class_names: one name per class (also stored in ``cfg.extra["zeroshot"]``).
+        class_names: one name per class (also stored in ``cfg.zeroshot``).
         templates: prompt templates with ``{}``; a class's prompts are averaged (normalised
             embeddings, mean, re-normalised).
         hooked: the converted image tower to attach the head to (modified in place); default:

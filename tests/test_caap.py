@@ -7,7 +7,8 @@ import torch
 from conftest import perturb_
 
 from patchlens import AttributionMap, HookedViT, InputError, ViTConfig, caap
-from patchlens.recipes.caap import blur, default_layers
+from patchlens.model.preprocess import blur
+from patchlens.recipes.caap import default_layers
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_caap_equals_naive_loop(model, images, context, site, score, group, laye
     tgt = logits.argmax(-1)
     other = amap.meta.get("second_class")
     if context == "blur":
-        ctx = blur(model, images, 11, 5.0)
+        ctx = blur(model.cfg, images, 11, 5.0)
     elif context == "mean":
         ctx = torch.zeros_like(images)
     elif context == "zeros":

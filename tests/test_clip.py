@@ -213,7 +213,7 @@ def test_open_clip_zeroshot_head_equals_logits(dtype):
     assert (out - ref).abs().max().item() <= TOL[dtype]
     assert isinstance(model.head, nn.Linear) and model.W_U.shape == (24, 3)
     assert cache["hook_normalized_embed"].norm(dim=-1).sub(1).abs().max() <= TOL[dtype]
-    zs = model.cfg.extra["zeroshot"]
+    zs = model.cfg.zeroshot
     assert zs["class_names"] == CLASSES and zs["templates"] == list(TEMPLATES)
 
 
@@ -233,7 +233,7 @@ def test_zeroshot_attaches_in_place_and_round_trips():
     reloaded = HookedViT.from_state_dict(hooked.cfg.replace(), hooked.state_dict())
     with torch.no_grad():
         assert torch.allclose(reloaded(x), first.flip(-1), atol=1e-12, rtol=0)
-    assert hooked.cfg.extra["zeroshot"]["class_names"] == CLASSES[::-1]
+    assert hooked.cfg.zeroshot["class_names"] == CLASSES[::-1]
 
 
 TEXT_HF = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -11,7 +11,6 @@ import torch
 
 import patchlens as pl
 from patchlens.diagnostics import (
-    THRESHOLDS,
     NaturalScorer,
     Reference,
     assess,
@@ -23,7 +22,7 @@ from patchlens.diagnostics import (
     ot_distance,
     ot_divergence,
 )
-from patchlens.diagnostics.neurons import relu_layer, toy_relu_case
+from patchlens.diagnostics.neurons import toy_relu_case
 from patchlens.diagnostics.scorer import needed_vectors, tail_surprise, tail_surprise_loo
 from patchlens.errors import InputError
 from patchlens.patching import Add, Interchange, Scale, Site, Variant, Zero

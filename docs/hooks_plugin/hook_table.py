@@ -14,17 +14,20 @@ def _table() -> str:
                     patch_size=(8, 8), n_classes=10, n_registers=1)
     model = HookedViT(cfg).eval()
     lines = [
-        "Measured on a 2-layer model (d_model 64, 4 heads, d_head 16, d_mlp 128, a class token and "
-        "one register, 4x4 patch grid = 18 tokens, 10 classes) with one image and the opt-in hooks "
-        "switched on.",
+        "Generated from the hook schema (`model.hook_specs`) of a 2-layer model (d_model 64, 4 "
+        "heads, d_head 16, d_mlp 128, a class token and one register, 4x4 patch grid = 18 "
+        "tokens, 10 classes); shapes measured on one image with the opt-in hooks switched on.",
         "",
-        "| hook | shape on one image | axes |",
-        "| --- | --- | --- |",
+        "| hook | axes | shape on one image | short name | opt-in | what it holds |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in model.hook_table():
         if row["name"].startswith("blocks.") and not row["name"].startswith("blocks.0."):
             continue
-        lines.append(f"| `{row['name']}` | {row['shape']} | `[{row['axes']}]` |")
+        alias = f"`{row['alias']}`" if row["alias"] else ""
+        opt = f"`{row['opt_in']}`" if row["opt_in"] else ""
+        lines.append(f"| `{row['name']}` | `[{row['axes']}]` | {row['shape']} | {alias} | {opt} "
+                     f"| {row['doc']} |")
     lines.append("")
     lines.append("Every block `blocks.{l}` has the same hooks as `blocks.0` shown here.")
     return "\n".join(lines)

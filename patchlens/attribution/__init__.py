@@ -15,7 +15,7 @@ from patchlens.attribution.baselines import (
     occlusion,
     rise,
 )
-from patchlens.attribution.maps import AttributionMap
+from patchlens.patching.attribution_map import AttributionMap
 
 __all__ = [
     "AttributionMap", "METHODS", "metrics", "attention_rollout", "chefer", "class_attention",

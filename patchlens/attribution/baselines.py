@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from patchlens.attribution.maps import AttributionMap, resolve_target
 from patchlens.errors import InputError
+from patchlens.metrics import logit
+from patchlens.patching.attribution_map import AttributionMap, map_dtype, resolve_target
+from patchlens.patching.engine import capture, capture_grads
 
 
 def _prepare(model, images: Tensor, target) -> Tensor:
@@ -26,7 +28,7 @@ def _prepare(model, images: Tensor, target) -> Tensor:
 
 
 def _make(model, images, values, method, target, **meta) -> AttributionMap:
-    return AttributionMap(values.detach().float().cpu(), method, target,
+    return AttributionMap(values.detach().to(map_dtype(images.dtype)).cpu(), method, target,
                           model.to_image(images).cpu(), meta)
 
 
@@ -45,11 +47,14 @@ def _pool_pixels(model, attr: Float[Tensor, "batch chan H W"]) -> Float[Tensor, 
     return F.avg_pool2d(attr.sum(1, keepdim=True), (ph, pw))[:, 0] * (ph * pw)
 
 
+def _pattern_hooks(model) -> list[str]:
+    return list(model.hook_aliases["pattern"].values())
+
+
 def _patterns(model, x: Tensor) -> list[Tensor]:
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
-    with torch.inference_mode():
-        _, cache = model.run_with_cache(x, names_filter=names, return_type=None)
-    return [cache[n] for n in names]
+    names = _pattern_hooks(model)
+    acts = capture(model, x, names, return_type=None).acts
+    return [acts[n] for n in names]
 
 
 def attention_rollout(model, images, target=None, head_fusion: str = "mean",
@@ -100,23 +105,12 @@ def chefer(model, images, target=None) -> AttributionMap:
     with respect to the attention pattern; the class-token row over patches."""
     tgt = _prepare(model, images, target)
     layout = model.layout_for(tuple(images.shape[-2:]))
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
-    kept: dict[str, Tensor] = {}
-
-    def keep(a, hook):
-        a.retain_grad()
-        kept[hook.name] = a
-        return a
-
-    with torch.enable_grad(), _no_param_grads(model):
-        x = images.detach().clone().requires_grad_(True)
-        logits = model.run_with_hooks(x, fwd_hooks=[(n, keep) for n in names])
-        logits.gather(1, tgt.to(logits.device)[:, None]).sum().backward()
+    names = _pattern_hooks(model)
+    run = capture_grads(model, images, names, logit(tgt.to(images.device)))
     t = layout.n_tokens
-    rel = torch.eye(t, device=images.device).expand(images.shape[0], t, t).clone()
+    rel = torch.eye(t, device=images.device, dtype=images.dtype).expand(images.shape[0], t, t)
     for n in names:
-        a = kept[n]
-        cam = (a.grad * a.detach()).clamp(min=0).mean(1)
+        cam = (run.grads[n] * run.acts[n]).clamp(min=0).mean(1)
         rel = rel + cam @ rel
     return _make(model, images, _query_row(model, layout, rel), "chefer", tgt)
 

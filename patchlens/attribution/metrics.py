@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from patchlens.attribution.maps import AttributionMap, as_values
 from patchlens.errors import InputError
+from patchlens.patching.attribution_map import AttributionMap, as_values
 
 
 def _setup(model, images: Tensor, maps, target):
@@ -98,12 +98,12 @@ def insertion(model, images, maps, target=None, step: int = 1, blur_kernel: int 
     """Insertion AUC (Petsiuk et al. 2018): reveal patches from most to least relevant on a
     blurred copy (Gaussian, kernel 11, sigma 5, in pixel space); the target's softmax
     probability per step, AUC over the fraction revealed. Higher is better. ``[B]``."""
-    from patchlens.recipes.caap import blur
+    from patchlens.model.preprocess import blur
 
     v, t, patch = _setup(model, images, maps, target)
     p = v[0].numel()
     counts = list(range(0, p, step)) + [p]
-    blurred = blur(model, images, blur_kernel, blur_sigma) if start is None else start
+    blurred = blur(model.cfg, images, blur_kernel, blur_sigma) if start is None else start
     masks = _step_masks(_ranking(v), counts, tuple(v.shape[1:]))
     curve = _probabilities(model, images, blurred, images, masks, patch, t, batch_size)
     auc = _auc(curve, torch.tensor(counts) / p)

@@ -60,29 +60,26 @@ def site_jacobian(model, x: Tensor, hook: str, tokens: Tensor | None = None,
 
     Returns:
         ``[B, C_out, T, D]`` for the selected ``tokens`` (all if None; head axes flattened
-        into D). One backward pass per output (``C_out`` = number of classes, or 1 with a
-        metric).
+        into D). One batched backward pass through the engine: the images are repeated once
+        per output (``C_out`` = number of classes, or 1 with a metric).
     """
     from patchlens.diagnostics.reference import vectors
+    from patchlens.patching.engine import capture_grads
 
-    leaf: dict[str, Tensor] = {}
-
-    def swap(act, hook):
-        t = act.detach().clone().requires_grad_(True)
-        leaf["h"] = t
-        return t
-
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, swap)]):
-        out = model(x.detach())
-        if metric is not None:
-            out = metric(out)[:, None]
-        h = leaf["h"]
-        rows = []
-        for c in range(out.shape[1]):
-            (g,) = torch.autograd.grad(out[:, c].sum(), h, retain_graph=c + 1 < out.shape[1])
-            g = vectors(g, hook)
-            rows.append(g if tokens is None else g[:, tokens])
-    return torch.stack(rows, 1).detach()
+    spec = model.hook_spec(hook)
+    b = x.shape[0]
+    if metric is not None:
+        run = capture_grads(model, x.detach(), [hook], metric)
+        jac = vectors(run.grads[hook], spec)[:, None]                      # [B, 1, T, D]
+    else:
+        with torch.inference_mode():
+            n_out = model(x[:1]).shape[-1]
+        rows = torch.arange(n_out).repeat_interleave(b)
+        run = capture_grads(model, x.detach().repeat(n_out, 1, 1, 1), [hook],
+                            lambda out: out.gather(1, rows[:, None].to(out.device))[:, 0])
+        g = vectors(run.grads[hook], spec)
+        jac = g.reshape(n_out, b, *g.shape[1:]).transpose(0, 1)             # [B, C, T, D]
+    return jac if tokens is None else jac[:, :, tokens]
 
 
 __all__ = ["null_fraction", "readout_null_fraction", "site_jacobian"]

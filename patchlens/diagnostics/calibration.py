@@ -87,8 +87,9 @@ def case_pool(model, images: Tensor, labels: Tensor, hooks: Sequence[str]) -> Po
         _, cache = model.run_with_cache(images, names_filter=list(hooks), return_type=None)
     a, b = (int(v) for v in torch.unique(labels)[:2])
     for h in hooks:
-        v = vectors(cache[h], h).float()
-        for c, toks in token_classes(h, layout.prefix, v.shape[1]).items():
+        spec = model.hook_spec(h)
+        v = vectors(cache[h], spec).float()
+        for c, toks in token_classes(spec, layout.prefix, v.shape[1]).items():
             sel = v if toks is None else v[:, toks]                     # [N, t, D]
             rows = sel.reshape(-1, v.shape[-1])
             key = (h, c)
@@ -109,8 +110,13 @@ def case_pool(model, images: Tensor, labels: Tensor, hooks: Sequence[str]) -> Po
     return out
 
 
-def _other_layer(hook: str, layer: int, offset: int, n_layers: int) -> str:
-    return hook.replace(f"blocks.{layer}.", f"blocks.{(layer + offset) % n_layers}.", 1)
+def _same_hook_at(model, hook: str, layer: int) -> str:
+    """The hook of the same kind as ``hook`` (its schema alias) in block ``layer``."""
+    alias = model.hook_spec(hook).alias
+    for spec in model.hook_specs.values():
+        if spec.alias == alias and spec.layer == layer:
+            return spec.name
+    raise InputError(f"{hook} has no counterpart in block {layer}.")
 
 
 def cases(model, target: Tensor, same: Tensor, other: Tensor, hooks: Sequence[str], pool: Pool,
@@ -126,13 +132,15 @@ def cases(model, target: Tensor, same: Tensor, other: Tensor, hooks: Sequence[st
     g = torch.Generator().manual_seed(seed)
     other_hooks = {}
     for h in hooks:
-        layer = int(h.split(".")[1])
+        layer = model.hook_spec(h).layer
+        if layer is None:
+            raise InputError(f"Calibration cases need hooks inside the blocks; {h} is not.")
         far = 0 if layer >= n_layers / 2 else n_layers - 1
-        other_hooks[h] = {"another layer": _other_layer(h, layer, far - layer, n_layers)}
+        other_hooks[h] = {"another layer": _same_hook_at(model, h, far)}
         if probes:
             up = layer + 1 if layer + 1 < n_layers else layer - 1
-            other_hooks[h]["adjacent layer"] = _other_layer(h, layer, up - layer, n_layers)
-            other_hooks[h]["layer 3 away"] = _other_layer(h, layer, 3, n_layers)
+            other_hooks[h]["adjacent layer"] = _same_hook_at(model, h, up)
+            other_hooks[h]["layer 3 away"] = _same_hook_at(model, h, (layer + 3) % n_layers)
     need = sorted({o for d in other_hooks.values() for o in d.values()})
     with torch.inference_mode():
         _, own = model.run_with_cache(target, names_filter=need, return_type=None)
@@ -149,7 +157,7 @@ def cases(model, target: Tensor, same: Tensor, other: Tensor, hooks: Sequence[st
 
     for h in hooks:
         n_tok = layout.n_tokens
-        classes = token_classes(h, layout.prefix, n_tok)
+        classes = token_classes(model.hook_spec(h), layout.prefix, n_tok)
         add("layer from image (same class)", h, "all", same_iv, "all")
         add("layer from image (other class)", h, "all", other_iv, "all")
         for c, toks in classes.items():

@@ -15,13 +15,7 @@ from torch import Tensor
 
 from patchlens.diagnostics.measures import MIN_OT, few_threads, ot_divergence
 from patchlens.diagnostics.neurons import neuron_bound
-from patchlens.diagnostics.reference import (
-    _NO_TOKEN_AXIS,
-    Reference,
-    class_of_tokens,
-    token_classes,
-    vectors,
-)
+from patchlens.diagnostics.reference import Reference, class_of_tokens, token_classes, vectors
 from patchlens.diagnostics.result import DivergenceReport
 from patchlens.diagnostics.scorer import needed_vectors
 from patchlens.diagnostics.verdict import evidence, vector_evidence, verdict
@@ -29,15 +23,31 @@ from patchlens.diagnostics.verdict import thresholds as resolve_thresholds
 from patchlens.errors import InputError
 
 MAX_JACOBIAN_OUTPUTS = 16  # logits kept in the behavioural Jacobian (the largest on the target)
-_AFTER_MLP = ("mlp.hook_post", "hook_mlp_out", "hook_resid_post")
 MIN_OT_VARIANT = 50  # patched vectors a row needs for its own Sinkhorn ratio (ot="variant")
 
 
-def first_downstream_mlp(hook: str, layer: int | None, n_layers: int) -> int:
-    """First layer whose ``mlp.hook_post`` an intervention at ``hook`` can change."""
-    if layer is None:
-        return n_layers if hook.startswith(("hook_pooled", "hook_logits", "ln_final")) else 0
-    return layer + 1 if hook.endswith(_AFTER_MLP) else layer
+def first_downstream_mlp(model, spec) -> int:
+    """First layer whose ``mlp.hook_post`` an intervention at hook ``spec`` can change (the
+    hook schema's forward order)."""
+    n_layers = model.cfg.n_layers
+    if spec.stage != "block":
+        return 0 if spec.stage == "embed" else n_layers
+    post = model.hook_specs.get(f"blocks.{spec.layer}.mlp.hook_post")
+    return spec.layer + 1 if post is None or spec.order >= post.order else spec.layer
+
+
+def _jacobian_outputs(model, target: Tensor) -> Tensor:
+    """The outputs the behavioural Jacobian differentiates: every logit when there are at most
+    `MAX_JACOBIAN_OUTPUTS`, else the largest ones on the target (mean over images)."""
+    head = getattr(model, "head", None)
+    n_out = head.out_features if head is not None else None
+    if n_out is not None and n_out <= MAX_JACOBIAN_OUTPUTS:
+        return torch.arange(n_out)
+    with torch.inference_mode():
+        logits = model(target)
+    n_out = logits.shape[-1]
+    return (torch.arange(n_out) if n_out <= MAX_JACOBIAN_OUTPUTS else
+            logits.float().mean(0).topk(MAX_JACOBIAN_OUTPUTS).indices.cpu())
 
 
 class Collector:
@@ -56,8 +66,7 @@ class Collector:
                  behaviour: bool = True, ot: bool | str = "site", ot_samples: int = 256,
                  max_vectors: int = 256, thresholds: dict[str, float] | None = None,
                  also: Sequence[Reference] = ()):
-        from patchlens.patching.engine import start_layer
-        from patchlens.patching.sites import options_for
+        from patchlens.patching.engine import capture, start_layer
 
         self.th = resolve_thresholds(thresholds)
         self.refs = [reference, *also]  # `report` can be asked about any of them
@@ -83,12 +92,12 @@ class Collector:
         for h in hooks:
             for ref in self.refs:
                 ref.check_hook(h)
-            if h.endswith(("hook_pattern", "hook_attn_scores")):
-                vectors(torch.zeros(1, 1, 1), h)  # raises the explanation
+            if model.hook_spec(h).has_key_axis:
+                vectors(torch.zeros(1, 1, 1), model.hook_spec(h))  # raises the explanation
         self.hooks = hooks
-        self.down = [min((first_downstream_mlp(rs.hook, rs.layer, n_layers) for rs in rss),
+        self.down = [min((first_downstream_mlp(model, rs.spec) for rs in rss),
                          default=n_layers) for rss in self.resolved]
-        self.starts = [min((start_layer(model, rs) for rs in rss), default=n_layers)
+        self.starts = [min((start_layer(model, rs.spec) for rs in rss), default=n_layers)
                        for rss in self.resolved]
         self.mlp_layers = [l for l in range(n_layers) if all(l in r.neurons for r in self.refs)
                            and f"blocks.{l}.mlp.hook_post" in model.hook_dict]
@@ -98,46 +107,28 @@ class Collector:
                 by_hook[rs.hook].append((vi, si))
         self.by_hook = by_hook
 
-        # ---- one forward + backward on the unpatched target ---------------------------------
+        # ---- one forward + backward on the unpatched target (through the engine) ----------
         mlp_names = [f"blocks.{l}.mlp.hook_post" for l in self.mlp_layers]
-        acts: dict[str, Tensor] = {}
-
-        def keep(act, hook):
-            acts[hook.name] = act
-            return act
-
+        self.specs = {h: model.hook_spec(h) for h in hooks}
         # model-sized forward and backward passes: torch's whole thread pool
-        with model.options(**options_for(hooks)):
-            with torch.enable_grad(), model.hooks(fwd_hooks=[(h, keep)
-                                                             for h in hooks + mlp_names]):
-                if behaviour:
-                    head = getattr(model, "head", None)
-                    n_out = head.out_features if head is not None else None
-                    if n_out is not None and n_out <= MAX_JACOBIAN_OUTPUTS:
-                        cls = torch.arange(n_out)
-                    else:
-                        with torch.no_grad():
-                            logits = model(target)
-                        n_out = logits.shape[-1]
-                        cls = (torch.arange(n_out) if n_out <= MAX_JACOBIAN_OUTPUTS else
-                               logits.float().mean(0).topk(MAX_JACOBIAN_OUTPUTS).indices)
-                    k = len(cls)
-                    x = target.detach().repeat(k, 1, 1, 1).requires_grad_(True)
-                    out = model(x)
-                    rows = torch.arange(k * b)
-                    loss = out[rows, cls.to(out.device).repeat_interleave(b)].sum()
-                    grads = torch.autograd.grad(loss, [acts[h] for h in hooks])
-                    # J[h]: [B, C, T, D]
-                    self.jac = {h: vectors(g.detach(), h).float().cpu().reshape(
-                        k, b, -1, vectors(g, h).shape[-1]).transpose(0, 1)
-                        for h, g in zip(hooks, grads)}
-                else:
-                    with torch.inference_mode():
-                        model(target)
-                    self.jac = {}
-        self.natural = {h: vectors(acts[h][:b].detach(), h).float().cpu() for h in hooks}
-        self.target_mlp = {l: acts[n][:b].detach().float() for l, n in zip(self.mlp_layers,
-                                                                          mlp_names)}
+        if behaviour:
+            cls = _jacobian_outputs(model, target)
+            k = len(cls)
+            rows = cls.to(target.device).repeat_interleave(b)
+            run = capture(model, target.detach().repeat(k, 1, 1, 1), hooks + mlp_names,
+                          lambda out: out.gather(1, rows[:, None].to(out.device))[:, 0],
+                          grads=hooks)
+            # J[h]: [B, C, T, D]
+            self.jac = {}
+            for h in hooks:
+                g = vectors(run.grads[h], self.specs[h]).float().cpu()
+                self.jac[h] = g.reshape(k, b, -1, g.shape[-1]).transpose(0, 1)
+        else:
+            run = capture(model, target, hooks + mlp_names, return_type=None)
+            self.jac = {}
+        acts = run.acts
+        self.natural = {h: vectors(acts[h][:b], self.specs[h]).float().cpu() for h in hooks}
+        self.target_mlp = {l: acts[n][:b].float() for l, n in zip(self.mlp_layers, mlp_names)}
         del acts
         with few_threads(1):
             self._prepare()
@@ -161,7 +152,7 @@ class Collector:
         # ---- dormant-pathway bounds (the loosest over the references, to find candidates) --
         self.slices: dict[str, slice] = {}
         for l in self.mlp_layers:
-            for c, toks in token_classes("", self.prefix, self.target_mlp[l].shape[1]).items():
+            for c, toks in token_classes(None, self.prefix, self.target_mlp[l].shape[1]).items():
                 self.slices[c] = slice(int(toks.min()), int(toks.max()) + 1)
         per_ref = [self._bounds(r) for r in self.refs]
         self.bounds = {l: {c: torch.stack([b[l][c] for b in per_ref]).amin(0)
@@ -173,6 +164,7 @@ class Collector:
         self.shift: dict[tuple[int, int], float] = {}
         # per variant: (layer, neuron, class, value) beyond the loosest bound and the target
         self.raw_dormant: list[list[tuple]] = [[] for _ in self.variants]
+        self.mlp_layer_of = dict(zip(mlp_names, self.mlp_layers))
         self.observers = ([(h, self._observe_site) for h in self.hooks]
                           + [(n, self._observe_mlp) for n in mlp_names])
 
@@ -185,7 +177,7 @@ class Collector:
         b = self.b
         if act.shape[0] != len(chunk) * b:
             return
-        v = vectors(act, hook)
+        v = vectors(act, self.specs[hook])
         a4 = v.reshape(len(chunk), b, v.shape[1], v.shape[2])
         nat = self.natural[hook]
         in_chunk = {int(vi): j for j, vi in enumerate(chunk.tolist())}
@@ -241,7 +233,7 @@ class Collector:
         """Keep the patched vectors ``[B, k, D]`` by token class (subsampled)."""
         out: dict[str, Tensor] = {}
         if vec.shape[1] == 1 and "all" in self.refs[0].samples[hook] and toks.numel() == 1 \
-                and hook in _NO_TOKEN_AXIS:
+                and self.specs[hook].token_axis is None:
             out["all"] = vec[:, 0]
         else:
             cls = class_of_tokens(self.prefix, toks.tolist())
@@ -260,7 +252,7 @@ class Collector:
         b = self.b
         if act.shape[0] != len(chunk) * b:
             return
-        layer = int(hook.split(".")[1])
+        layer = self.mlp_layer_of[hook]
         n = len(chunk)
         tgt = self.target_mlp[layer]
         for c, bound in self.bounds[layer].items():

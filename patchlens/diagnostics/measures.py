@@ -142,8 +142,6 @@ def ot_divergence(patched, natural, *, groups=None, zscore: str = "natural", blu
     ``stats``: natural ``(mean, std)`` for ``zscore="natural"`` (default: of ``natural``).
     ``baseline_cache`` (a dict) with ``cache_key`` reuses the baseline of an earlier call.
     """
-    from patchlens.diagnostics.scorer import split_by_group
-
     p = as_vectors(patched, "patched")
     q = as_vectors(natural, "natural")
     if p.shape[1] != q.shape[1]:
@@ -181,6 +179,16 @@ def ot_divergence(patched, natural, *, groups=None, zscore: str = "natural", blu
 
 
 # ---- geometry of the per-vector test ------------------------------------------------------------
+def split_by_group(groups: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+    """Row indices of two halves with no group (image) in both."""
+    uniq, inv = torch.unique(groups, return_inverse=True)
+    perm = torch.randperm(len(uniq), generator=torch.Generator().manual_seed(seed))
+    first = torch.zeros(len(uniq), dtype=torch.bool)
+    first[perm[: len(uniq) // 2]] = True
+    mask = first[inv]
+    return torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
+
+
 def knn(x: Tensor, ref: Tensor, k: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
     """Squared distances ``[M, k]`` and indices of the k nearest rows of ``ref`` (sorted)."""
     ds, ids = [], []
@@ -222,4 +230,5 @@ def local_pca_residual(x: Tensor, ref: Tensor, k: int = 20, var: float = 0.95,
 
 
 __all__ = ["MIN_OT", "OTResult", "ZSCORES", "as_vectors", "few_threads", "knn",
-           "local_pca_residual", "ot_distance", "ot_divergence", "safe_std", "sinkhorn"]
+           "local_pca_residual", "ot_distance", "ot_divergence", "safe_std", "sinkhorn",
+           "split_by_group"]

@@ -20,11 +20,10 @@ import torch
 from torch import Tensor
 
 from patchlens.errors import InputError, close_matches
+from patchlens.model.hooks import HookSpec
 
 NEURON_SAMPLES = 1000  # reservoir per layer and class for neuron quantiles
 RECOMMENDED_IMAGES = 2000  # see docs/divergence.md (calibration)
-_NO_TOKEN_AXIS = ("hook_pooled", "hook_pooled_dist", "hook_logits", "hook_image_embed",
-                  "hook_normalized_embed")
 
 
 def fingerprint(model) -> dict[str, str]:
@@ -44,10 +43,12 @@ def fingerprint(model) -> dict[str, str]:
 TOKEN_CLASSES = ("cls", "dist", "registers", "patches")
 
 
-def token_classes(hook: str, prefix: Sequence[str], n_tokens: int) -> dict[str, Tensor | None]:
+def token_classes(spec: HookSpec | None, prefix: Sequence[str],
+                  n_tokens: int) -> dict[str, Tensor | None]:
     """Token indices of each class at a hook, from the layout's prefix names (``cls``,
-    ``dist``, ``reg0``..; None: the hook has no token axis)."""
-    if hook in _NO_TOKEN_AXIS:
+    ``dist``, ``reg0``..; ``{"all": None}``: the hook has no token axis; ``spec`` None: a
+    hook with a token axis)."""
+    if spec is not None and spec.token_axis is None:
         return {"all": None}
     out: dict[str, list[int]] = {}
     for i, name in enumerate(prefix):
@@ -63,16 +64,19 @@ def class_of_tokens(prefix: Sequence[str], tokens: Sequence[int]) -> list[str]:
             for t in tokens]
 
 
-def vectors(act: Tensor, hook: str) -> Tensor:
-    """A hook activation as ``[batch, tokens, D]`` (head axes flattened; ``[batch, 1, D]``
-    for hooks without a token axis)."""
-    if hook.endswith(("hook_pattern", "hook_attn_scores")):
+def vectors(act: Tensor, spec: HookSpec) -> Tensor:
+    """A hook activation as ``[batch, tokens, D]`` (the token axis second, every other axis
+    flattened into D; ``[batch, 1, D]`` for hooks without a token axis)."""
+    if spec.has_key_axis:
         raise InputError(
-            f"Divergence of attention patterns ({hook}) is not supported; diagnose the "
-            "attention output (attn_out, z or result) instead."
+            f"Divergence of attention scores or patterns ({spec.name}) is not supported; "
+            "diagnose the attention output (attn_out, z or result) instead."
         )
-    if hook in _NO_TOKEN_AXIS or act.ndim == 2:
+    tok = spec.token_axis
+    if tok is None:
         return act.reshape(act.shape[0], 1, -1)
+    if tok != 1:
+        act = act.movedim(tok, 1)
     return act.reshape(act.shape[0], act.shape[1], -1)
 
 
@@ -194,8 +198,9 @@ class Reference:
                 img = torch.arange(n_images, n_images + batch.shape[0])
                 n_images += batch.shape[0]
                 for h in hooks:
-                    v = vectors(cache[h], h).float().cpu()
-                    for c, toks in token_classes(h, layout.prefix, v.shape[1]).items():
+                    spec = model.hook_spec(h)
+                    v = vectors(cache[h], spec).float().cpu()
+                    for c, toks in token_classes(spec, layout.prefix, v.shape[1]).items():
                         sel = v if toks is None else v[:, toks]
                         rows = sel.reshape(-1, v.shape[-1])
                         grp = img.repeat_interleave(sel.shape[1])
@@ -207,7 +212,8 @@ class Reference:
                         acc[2] = acc[2] + (r64 * r64).sum(0)
                 for h, l in mlp_hooks.items():
                     v = cache[h].float().cpu()
-                    for c, toks in token_classes(h, layout.prefix, v.shape[1]).items():
+                    for c, toks in token_classes(model.hook_spec(h), layout.prefix,
+                                                 v.shape[1]).items():
                         sel = v[:, toks]
                         rows = sel.reshape(-1, v.shape[-1])
                         grp = img.repeat_interleave(sel.shape[1])

@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from patchlens.diagnostics.measures import as_vectors, knn, local_pca_residual
+from patchlens.diagnostics.measures import as_vectors, knn, local_pca_residual, split_by_group
 from patchlens.errors import InputError
 
 MEASURES = ("mahalanobis", "knn", "local_pca", "norm")
@@ -120,16 +120,6 @@ def _log(x: Tensor) -> Tensor:
     """The scale the tails are modelled on: every measure is positive and spreads
     multiplicatively (``x 0.1`` is as far below as ``x 10`` is above; 0 is infinitely far)."""
     return torch.log(x.float().clamp_min(1e-30))
-
-
-def split_by_group(groups: Tensor, seed: int) -> tuple[Tensor, Tensor]:
-    """Row indices of two halves with no group (image) in both."""
-    uniq, inv = torch.unique(groups, return_inverse=True)
-    perm = torch.randperm(len(uniq), generator=torch.Generator().manual_seed(seed))
-    first = torch.zeros(len(uniq), dtype=torch.bool)
-    first[perm[: len(uniq) // 2]] = True
-    mask = first[inv]
-    return torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
 
 
 class NaturalScorer:
@@ -287,4 +277,4 @@ class NaturalScorer:
         return float(self.cal["norm"][self.n_cal // 2])
 
 
-__all__ = ["MEASURES", "NaturalScorer", "needed_vectors", "split_by_group"]
+__all__ = ["MEASURES", "NaturalScorer", "needed_vectors", "tail_surprise", "tail_surprise_loo"]

@@ -7,6 +7,7 @@ projection); the TransformerLens views ``W_Q``/``W_K``/``W_V`` ``[head, d_model,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from patchlens.model.config import ViTConfig
+from patchlens.model.hooks import HookDecl, declare_hooks
 
 
 def is_hooked(*points: HookPoint) -> bool:
@@ -40,18 +42,28 @@ def activation(name: str):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with ``hook_scale`` ``[..., 1]`` and ``hook_normalized`` ``[..., d]``.
+    """LayerNorm with ``hook_scale`` ``[*lead, 1]`` and ``hook_normalized`` ``[*lead, d]``.
 
-    Takes the fused ``F.layer_norm`` kernel unless one of its hooks is in use.
+    ``axes`` names the normalised tensor's axes (``"batch pos d_model"``); ``split_axes``, if
+    given, the axes when ``cfg.use_split_qkv_input`` feeds it per-head copies. Takes the fused
+    ``F.layer_norm`` kernel unless one of its hooks is in use.
     """
 
-    def __init__(self, d: int, eps: float):
+    def __init__(self, d: int, eps: float, axes: str = "batch pos d_model",
+                 split_axes: str | None = None):
         super().__init__()
         self.d, self.eps = d, eps
         self.w = nn.Parameter(torch.ones(d))
         self.b = nn.Parameter(torch.zeros(d))
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
+        lead = axes.rsplit(" ", 1)[0]
+        split_lead = split_axes.rsplit(" ", 1)[0] if split_axes else None
+        split = "use_split_qkv_input"
+        declare_hooks(self, {
+            "hook_scale": HookDecl(f"{lead} 1", "LayerNorm scale sqrt(var + eps)",
+                                   axes_if={split: f"{split_lead} 1"} if split_axes else None),
+            "hook_normalized": HookDecl(axes, "normalised, then scaled and shifted",
+                                        axes_if={split: split_axes} if split_axes else None),
+        })
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         if not is_hooked(self.hook_scale, self.hook_normalized):
@@ -159,11 +171,24 @@ class Attention(nn.Module):
         h, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
         self.qkv = nn.Linear(d, 3 * h * dh, bias=cfg.qkv_bias)
         self.proj = nn.Linear(h * dh, d, bias=cfg.proj_bias)
-        self.q_norm = LayerNorm(dh, cfg.eps) if cfg.qk_norm else None
-        self.k_norm = LayerNorm(dh, cfg.eps) if cfg.qk_norm else None
+        head_axes = "batch pos head d_head"
+        self.q_norm = LayerNorm(dh, cfg.eps, head_axes) if cfg.qk_norm else None
+        self.k_norm = LayerNorm(dh, cfg.eps, head_axes) if cfg.qk_norm else None
         self.scale = dh**-0.5
-        for name in ("q", "k", "v", "z", "attn_scores", "pattern", "result"):
-            setattr(self, f"hook_{name}", HookPoint())
+        pattern_axes = "batch head query_pos key_pos"
+        explicit = "only when scores or pattern are hooked (otherwise fused SDPA)"
+        declare_hooks(self, {
+            "hook_q": HookDecl(head_axes, "queries (after q_norm)", alias="q"),
+            "hook_k": HookDecl(head_axes, "keys (after k_norm)", alias="k"),
+            "hook_v": HookDecl(head_axes, "values", alias="v"),
+            "hook_attn_scores": HookDecl(pattern_axes, "scaled q.k scores before the softmax",
+                                         alias="attn_scores", note=explicit),
+            "hook_pattern": HookDecl(pattern_axes, "attention pattern (softmax of the scores)",
+                                     alias="pattern", note=explicit),
+            "hook_z": HookDecl(head_axes, "per-head attention output, before W_O", alias="z"),
+            "hook_result": HookDecl("batch pos head d_model", "per-head output after W_O",
+                                    opt_in="use_attn_result", alias="result"),
+        })
 
     # TransformerLens weight views -------------------------------------------------------
     def _qkv_weight(self, i: int) -> Tensor:
@@ -260,16 +285,24 @@ class MLP(nn.Module):
     """MLP (``fc1 -> act -> fc2``) or gated SwiGLU. Hooks: ``hook_pre`` (and
     ``hook_pre_linear`` for SwiGLU) and ``hook_post`` ``[batch, pos, d_mlp]``."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, lead: str = "batch pos", aliases: bool = True):
         super().__init__()
         self.cfg = cfg
         self.gated = cfg.mlp_kind == "swiglu"
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp * (2 if self.gated else 1), bias=cfg.mlp_bias)
         self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.act = activation("silu" if self.gated else cfg.act_fn)
-        self.hook_pre = HookPoint()
-        self.hook_pre_linear = HookPoint()
-        self.hook_post = HookPoint()
+        axes = f"{lead} d_mlp"
+        hooks = {"hook_pre": HookDecl(axes, "gate pre-activation" if self.gated
+                                      else "pre-activation", alias="mlp_pre")}
+        if self.gated:
+            hooks["hook_pre_linear"] = HookDecl(axes, "linear branch of the gate",
+                                                alias="mlp_pre_linear")
+        hooks["hook_post"] = HookDecl(axes, "activation (gated product for GLU)",
+                                      alias="mlp_post")
+        if not aliases:
+            hooks = {k: dataclasses.replace(d, alias=None) for k, d in hooks.items()}
+        declare_hooks(self, hooks)
 
     @property
     def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
@@ -311,24 +344,44 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
-        self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
+        resid, split = "batch pos d_model", "batch pos head d_model"
+        qkv_in = "opt-in per-head copy of resid_pre feeding the"
+        declare_hooks(self, {
+            "hook_resid_pre": HookDecl(resid, "residual stream entering the block",
+                                       alias="resid_pre"),
+            "hook_q_input": HookDecl(split, f"{qkv_in} queries", opt_in="use_split_qkv_input",
+                                     alias="q_input"),
+            "hook_k_input": HookDecl(split, f"{qkv_in} keys", opt_in="use_split_qkv_input",
+                                     alias="k_input"),
+            "hook_v_input": HookDecl(split, f"{qkv_in} values", opt_in="use_split_qkv_input",
+                                     alias="v_input"),
+        })
+        self.ln1 = LayerNorm(cfg.d_model, cfg.eps, resid, split_axes=split)
         self.attn = Attention(cfg)
         self.ls1 = LayerScale(cfg.d_model) if cfg.layer_scale else None
-        self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
+        declare_hooks(self, {
+            "hook_attn_out": HookDecl(resid, "attention output added to the residual stream "
+                                      "(LayerScale applied)", alias="attn_out"),
+            "hook_resid_mid": HookDecl(resid, "residual stream between attention and MLP",
+                                       alias="resid_mid"),
+        })
+        self.ln2 = LayerNorm(cfg.d_model, cfg.eps, resid)
         self.mlp = MLP(cfg)
         self.ls2 = LayerScale(cfg.d_model) if cfg.layer_scale else None
-        for name in ("resid_pre", "q_input", "k_input", "v_input", "attn_out", "resid_mid",
-                     "mlp_out", "resid_post"):
-            setattr(self, f"hook_{name}", HookPoint())
+        declare_hooks(self, {
+            "hook_mlp_out": HookDecl(resid, "MLP output added to the residual stream "
+                                     "(LayerScale applied)", alias="mlp_out"),
+            "hook_resid_post": HookDecl(resid, "residual stream leaving the block",
+                                        alias="resid_post"),
+        })
 
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
         if self.cfg.use_split_qkv_input:
             per_head = resid_pre.unsqueeze(2).expand(-1, -1, self.cfg.n_heads, -1)
-            split = tuple(
-                self.ln1(hook(per_head.clone()))
-                for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)
-            )
+            inputs = [hook(per_head.clone())
+                      for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)]
+            split = tuple(self.ln1(t) for t in inputs)
             attn = self.attn(split=split)
         else:
             attn = self.attn(self.ln1(resid_pre))
@@ -351,9 +404,10 @@ class AttentionPool(nn.Module):
         self.q = nn.Linear(d, d, bias=True)
         self.kv = nn.Linear(d, 2 * d, bias=True)
         self.proj = nn.Linear(d, d)
-        self.norm = LayerNorm(d, cfg.eps)
+        self.norm = LayerNorm(d, cfg.eps, "batch latent d_model")
         hidden = int(d * cfg.map_mlp_ratio)
-        self.mlp = MLP(cfg.replace(d_mlp=hidden, mlp_kind="mlp", mlp_bias=True))
+        self.mlp = MLP(cfg.replace(d_mlp=hidden, mlp_kind="mlp", mlp_bias=True),
+                       lead="batch latent", aliases=False)
 
     def forward(self, x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch d"]:
         b, n, d = x.shape

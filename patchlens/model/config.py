@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from transformer_lens.config.transformer_lens_config import TransformerLensConfig
 
 POOLINGS = ("token", "avg", "map", "token_avg", "none")
@@ -15,7 +14,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "silu", "identity")
 MLP_KINDS = ("mlp", "swiglu")
 
 
-def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+def as_pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
     a, b = v
@@ -58,6 +57,8 @@ class ViTConfig(TransformerLensConfig):
         data_mean, data_std, data_interpolation, data_crop_pct, data_resize: the source
             model's preprocessing (see `patchlens.model.preprocess`).
         source: where the model came from, e.g. ``"timm:vit_small_patch16_224"``.
+        zeroshot: a CLIP zero-shot head's description (``embed_dim``, ``image_proj``,
+            ``class_names``, ...; see `patchlens.zeroshot`), or None.
     """
 
     d_model: int = 768
@@ -98,12 +99,18 @@ class ViTConfig(TransformerLensConfig):
     data_crop_pct: float = 0.875
     data_resize: str = "shortest"
     source: str = ""
+    zeroshot: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.image_size = _pair(self.image_size)
-        self.patch_size = _pair(self.patch_size)
+        if "zeroshot" in self.extra:  # configs written before `zeroshot` was a field
+            extra = dict(self.extra)
+            moved = extra.pop("zeroshot")
+            self.extra = extra
+            self.zeroshot = self.zeroshot if self.zeroshot is not None else moved
+        self.image_size = as_pair(self.image_size)
+        self.patch_size = as_pair(self.patch_size)
         self.data_mean = tuple(float(v) for v in self.data_mean)
         self.data_std = tuple(float(v) for v in self.data_std)
         if self.n_pos_prefix < 0:
@@ -173,6 +180,3 @@ class ViTConfig(TransformerLensConfig):
         d.update(changes)
         return ViTConfig.from_json_dict(d)
 
-
-def default_dtype() -> torch.dtype:
-    return torch.get_default_dtype()

@@ -12,15 +12,25 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
-from transformer_lens.hook_points import HookPoint
 
 from patchlens.checks import all_finite
 from patchlens.errors import InputError, unknown_hook_error
 from patchlens.model.components import AttentionPool, Block, Embed, LayerNorm, init_weights_
 from patchlens.model.config import ViTConfig
+from patchlens.model.hooks import (
+    OPTION_FLAGS,
+    HookDecl,
+    HookSpec,
+    build_aliases,
+    build_specs,
+    declare_hooks,
+    required_options,
+    spec_of,
+)
 from patchlens.model.layout import TokenLayout
 
 ReturnType = Literal["logits", "pooled", "resid", None]
+RETURN_TYPES = ("logits", "pooled", "resid", None)
 
 
 class HookedViT(HookedRootModule):
@@ -36,25 +46,57 @@ class HookedViT(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.embed = Embed(cfg)
-        self.hook_embed = HookPoint()
-        self.hook_pos_embed = HookPoint()
-        self.hook_full_embed = HookPoint()
+        resid = "batch pos d_model"
+        declare_hooks(self, {
+            "hook_embed": HookDecl(resid, "patch embeddings and prefix tokens", alias="tok_embed"),
+            "hook_pos_embed": HookDecl(resid, "position embedding per token (0 where none)",
+                                       alias="pos_embed", note="models with a position embedding"),
+            "hook_full_embed": HookDecl(resid, "token + position embedding", alias="embed"),
+        })
         self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.pre_norm else None
-        self.hook_ln_pre = HookPoint() if cfg.pre_norm else None
+        if cfg.pre_norm:
+            declare_hooks(self, {"hook_ln_pre": HookDecl(resid, "after the pre-norm (CLIP)",
+                                                         alias="ln_pre")})
+        else:
+            self.hook_ln_pre = None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        post_pool = cfg.final_norm == "post_pool"
         self.ln_final = (
-            LayerNorm(cfg.d_pooled if cfg.final_norm == "post_pool" else cfg.d_model, cfg.eps)
+            LayerNorm(cfg.d_pooled if post_pool else cfg.d_model, cfg.eps,
+                      "batch d_pooled" if post_pool else resid)
             if cfg.final_norm != "none"
             else None
         )
         self.attn_pool = AttentionPool(cfg) if cfg.pooling == "map" else None
-        self.hook_pooled = HookPoint()
-        self.hook_pooled_dist = HookPoint() if cfg.distilled else None
-        zs = cfg.extra.get("zeroshot")  # CLIP zero-shot head: see patchlens.zeroshot
-        proj = zs and zs["image_proj"]
-        self.image_proj = nn.Linear(cfg.d_pooled, zs["embed_dim"], bias=False) if proj else None
-        self.hook_image_embed = HookPoint() if zs else None
-        self.hook_normalized_embed = HookPoint() if zs else None
+        pooled = {"hook_pooled": HookDecl("batch d_pooled", "pooled features fed to the head",
+                                          alias="pooled")}
+        if cfg.distilled:
+            pooled["hook_pooled_dist"] = HookDecl("batch d_pooled", "distillation token, pooled",
+                                                  alias="pooled_dist")
+        else:
+            self.hook_pooled_dist = None
+        declare_hooks(self, pooled)
+        self._build_output_head()
+        if init:
+            init_weights_(self)
+        self.setup()
+
+    def _build_output_head(self) -> None:
+        """The modules after pooling, in forward order: the zero-shot image projection and
+        normalisation (``cfg.zeroshot``), the classification head(s) and ``hook_logits``."""
+        cfg = self.cfg
+        zs = cfg.zeroshot
+        self.image_proj = (nn.Linear(cfg.d_pooled, zs["embed_dim"], bias=False)
+                           if zs and zs["image_proj"] else None)
+        if zs:
+            declare_hooks(self, {
+                "hook_image_embed": HookDecl("batch embed_dim", "image embedding (CLIP "
+                                             "encode_image), unnormalised", alias="image_embed"),
+                "hook_normalized_embed": HookDecl("batch embed_dim", "L2-normalised image "
+                                                  "embedding", alias="normalized_embed"),
+            })
+        else:
+            self.hook_image_embed = self.hook_normalized_embed = None
         d_in = zs["embed_dim"] if zs else cfg.d_pooled
         self.head = nn.Linear(d_in, cfg.n_classes, bias=cfg.head_bias) if cfg.n_classes else None
         self.head_dist = (
@@ -62,10 +104,69 @@ class HookedViT(HookedRootModule):
             if cfg.n_classes and cfg.distilled
             else None
         )
-        self.hook_logits = HookPoint()
-        if init:
-            init_weights_(self)
+        declare_hooks(self, {"hook_logits": HookDecl("batch n_classes", "classification logits",
+                                                     alias="logits",
+                                                     note="models with a head")})
+
+    def set_output_head(self, head: nn.Linear, zeroshot: dict | None,
+                        image_proj: nn.Linear | None = None) -> None:
+        """Replace the classification head (in place), e.g. by a CLIP zero-shot head (see
+        `patchlens.zeroshot`): ``head`` maps the (normalised, with ``zeroshot``) embedding to
+        the logits; ``zeroshot`` = ``{"embed_dim", "image_proj", ...}`` or None for a plain
+        head on the pooled features. The hook schema is rebuilt."""
+        cfg = self.cfg
+        # mutated in place: the blocks share this config object
+        cfg.n_classes = cfg.d_vocab = head.out_features
+        cfg.head_bias = head.bias is not None
+        cfg.zeroshot = zeroshot
+        for name in ("image_proj", "hook_image_embed", "hook_normalized_embed", "head",
+                     "head_dist", "hook_logits"):
+            if name in self._modules:
+                del self._modules[name]
+        p = next(self.parameters())
+        self._build_output_head()
+        self.to(device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            self.head.weight.copy_(head.weight)
+            if head.bias is not None:
+                self.head.bias.copy_(head.bias)
+            if image_proj is not None:
+                self.image_proj.weight.copy_(image_proj.weight)
         self.setup()
+
+    # ---- hook schema ------------------------------------------------------------------------
+    def setup(self) -> None:
+        """TransformerLens ``setup`` plus the hook schema (every hook point must be declared)."""
+        super().setup()
+        self._specs_cache: dict[tuple, dict[str, HookSpec]] = {}
+        self.hook_specs  # noqa: B018  (fails now if a hook point was not declared)
+
+    @property
+    def hook_specs(self) -> dict[str, HookSpec]:
+        """The hook schema: one `HookSpec` (axes, layer, stage, order, opt-in flag, alias) per
+        hook point, in forward order, for the current config flags."""
+        flags = {k: bool(getattr(self.cfg, k)) for k in OPTION_FLAGS}
+        key = tuple(sorted(flags.items()))
+        if key not in self._specs_cache:
+            self._specs_cache[key] = build_specs(self, flags)
+        return self._specs_cache[key]
+
+    @property
+    def hook_aliases(self) -> dict[str, dict[int | None, str]]:
+        """Short names `Site` accepts: ``alias -> {layer (None outside blocks): hook name}``."""
+        specs = self.hook_specs
+        key = ("aliases", id(specs))
+        if key not in self._specs_cache:
+            self._specs_cache[key] = build_aliases(specs)
+        return self._specs_cache[key]
+
+    def hook_spec(self, name: str) -> HookSpec:
+        """The `HookSpec` of hook ``name`` (`UnknownHookError` with close matches if none)."""
+        return spec_of(self.hook_specs, name)
+
+    def options_for(self, hooks: Sequence[str]) -> dict[str, bool]:
+        """The `options` flags that make the opt-in hooks among ``hooks`` fire."""
+        return required_options(self.hook_spec(h) for h in hooks)
 
     # ---- TransformerLens-compatible aliases -------------------------------------------------
     @property
@@ -198,6 +299,11 @@ class HookedViT(HookedRootModule):
             start_at_layer: skip the embedding and blocks before this layer.
             stop_at_layer: stop before this block and return the residual stream entering it.
         """
+        if return_type not in RETURN_TYPES:
+            hint = (" A classifier's loss needs labels: compute it from the logits, e.g. "
+                    "F.cross_entropy(model(x), labels)." if return_type == "loss" else "")
+            raise InputError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}."
+                             + hint)
         n = self.cfg.n_layers
         start = 0 if start_at_layer is None else _check_layer(start_at_layer, n, "start_at_layer")
         stop = n if stop_at_layer is None else _check_layer(stop_at_layer, n, "stop_at_layer")
@@ -237,25 +343,74 @@ class HookedViT(HookedRootModule):
         with super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts) as m:
             yield m
 
-    def run_with_cache(self, *args: Any, names_filter=None, **kwargs: Any):
-        """TransformerLens ``run_with_cache``; returns ``(output, ActivationCache)``."""
+    def run_with_cache(self, *args: Any, names_filter=None, incl_bwd: bool = False,
+                       metric: Callable[[Tensor], Tensor] | None = None, **kwargs: Any):
+        """TransformerLens ``run_with_cache``; returns ``(output, ActivationCache)``.
+
+        With ``incl_bwd=True`` the cache also holds ``name + "_grad"``: the gradient of
+        ``metric(output)`` (a scalar) with respect to each cached activation, computed with
+        `torch.autograd.grad` (parameters' ``.grad`` stay as they were). Without ``metric`` it
+        is TransformerLens's behaviour: ``output.backward()``, which needs a scalar output
+        and accumulates into the parameters' ``.grad``.
+        """
         if isinstance(names_filter, str):
             self.check_hook_names([names_filter])
         elif isinstance(names_filter, (list, tuple)):
             names_filter = list(names_filter)
             self.check_hook_names(names_filter)
-        try:
-            out, cache = super().run_with_cache(*args, names_filter=names_filter, **kwargs)
-        except BaseException:
-            self.reset_hooks(including_permanent=False)
-            raise
-        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim"))
+        if metric is not None and not incl_bwd:
+            raise InputError("metric= is the scalar to differentiate with incl_bwd=True; pass "
+                             "incl_bwd=True too, or drop metric.")
+        remove_batch = bool(kwargs.get("remove_batch_dim"))
+        if incl_bwd and metric is not None:
+            out, cache = self._cache_with_grads(args, names_filter, metric, kwargs)
+        else:
+            try:
+                out, cache = super().run_with_cache(*args, names_filter=names_filter,
+                                                    incl_bwd=incl_bwd, **kwargs)
+            except RuntimeError as e:
+                if incl_bwd and "scalar outputs" in str(e):
+                    raise InputError(
+                        "run_with_cache(incl_bwd=True) calls output.backward(), which needs a "
+                        "scalar output; this model returns one value per image and class. Pass "
+                        "metric=fn with fn(output) -> scalar (e.g. lambda lg: lg[:, 3].sum())."
+                    ) from e
+                raise
+        return out, ActivationCache(cache, self, has_batch_dim=not remove_batch)
+
+    def _cache_with_grads(self, args, names_filter, metric, kwargs):
+        """Forward with caching hooks, then ``d metric(output) / d activation`` for each."""
+        from patchlens.model.capture import Capture, differentiable_input
+
+        if kwargs.pop("remove_batch_dim", False):
+            raise InputError("remove_batch_dim is not supported with metric=; index [0] instead.")
+        if names_filter is None:
+            names = list(self.hook_dict)
+        elif isinstance(names_filter, str):
+            names = [names_filter]
+        elif callable(names_filter):
+            names = [n for n in self.hook_dict if names_filter(n)]
+        else:
+            names = list(names_filter)
+        cap = Capture(names, keep_graph=True)
+        x, *rest = args
+        with torch.enable_grad(), self.hooks(fwd_hooks=cap.hooks()):
+            out = self(differentiable_input(x), *rest, **kwargs)
+            value = metric(out)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise InputError(f"metric must return a scalar for incl_bwd=True, got {got}; "
+                                 "reduce it, e.g. with .sum().")
+            grads = cap.gradients(value.reshape(()))
+        cache = cap.detached()
+        cache.update({f"{n}_grad": g for n, g in grads.items()})
+        return out.detach(), cache
 
     @contextlib.contextmanager
     def options(self, **flags: bool) -> Iterator[HookedViT]:
         """Temporarily set config flags, e.g. ``use_attn_result=True`` or
         ``use_split_qkv_input=True`` (the opt-in hooks ``hook_result`` / ``hook_q_input``...)."""
-        allowed = {"use_attn_result", "use_split_qkv_input"}
+        allowed = set(OPTION_FLAGS)
         bad = set(flags) - allowed
         if bad:
             raise InputError(f"options() takes {sorted(allowed)}, got {sorted(bad)}.")
@@ -275,10 +430,11 @@ class HookedViT(HookedRootModule):
         self.cfg.use_split_qkv_input = on
 
     def hook_table(self, image_size: tuple[int, int] | None = None) -> list[dict[str, str]]:
-        """One row per hook point: name and the activation's shape on one image."""
-        from patchlens.model.inspect import hook_shapes
+        """One row per hook point: the schema (name, axes, opt-in flag, alias, what it holds)
+        and the activation's shape on one image (opt-in hooks switched on to measure it)."""
+        from patchlens.model.inspect import hook_table
 
-        return hook_shapes(self, image_size)
+        return hook_table(self, image_size)
 
     # ---- preprocessing ------------------------------------------------------------------------
     def preprocess(self, images: Any) -> Float[Tensor, "batch chan h w"]:
@@ -291,9 +447,9 @@ class HookedViT(HookedRootModule):
 
     def to_image(self, x: Tensor) -> Float[Tensor, "... chan h w"]:
         """Undo the input normalisation: normalised images -> values in [0, 1] (for plots)."""
-        mean = torch.tensor(self.cfg.data_mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.cfg.data_std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return (x.detach() * std + mean).clamp(0, 1)
+        from patchlens.model.preprocess import to_pixels
+
+        return to_pixels(self.cfg, x.detach()).reshape(x.shape).clamp(0, 1)
 
     # ---- loading --------------------------------------------------------------------------------
     @classmethod
@@ -339,9 +495,9 @@ class HookedViT(HookedRootModule):
 
     @classmethod
     def from_pretrained(cls, name: str, **kwargs: Any) -> HookedViT:
-        """Load by name: a zoo model (offline), ``hf:<repo>`` / ``org/repo`` (Hugging Face), or a
-        timm model name."""
-        from patchlens.model.convert.dispatch import from_pretrained
+        """Load by name: a zoo model (offline), ``open_clip:NAME@TAG``, ``hf:<repo>`` /
+        ``org/repo`` (Hugging Face), or a timm model name; see `patchlens.model.sources`."""
+        from patchlens.model.sources import from_pretrained
 
         return from_pretrained(cls, name, **kwargs)
 

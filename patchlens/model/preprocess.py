@@ -38,6 +38,9 @@ def to_float_image(img: Any) -> Float[Tensor, "chan h w"]:
                 img = im.convert("RGB")
         except OSError as e:
             raise InputError(f"Could not read {path} as an image ({e}).") from e
+        except Image.DecompressionBombError as e:
+            raise InputError(f"Refused to read {path}: {e} If you trust the file, raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS; otherwise pass a smaller image.") from e
     if isinstance(img, Image.Image):
         img = np.asarray(img.convert("RGB"))
     if isinstance(img, np.ndarray):
@@ -104,3 +107,38 @@ def preprocess(images: Any, cfg: ViTConfig) -> Float[Tensor, "batch chan h w"]:
     mean = torch.tensor(cfg.data_mean).view(1, -1, 1, 1)
     std = torch.tensor(cfg.data_std).view(1, -1, 1, 1)
     return (x - mean) / std
+
+
+def mean_std(cfg: ViTConfig, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's input normalisation as ``[1, C, 1, 1]`` tensors in ``x``'s dtype and device."""
+    c = x.shape[-3]
+    mean = torch.as_tensor(cfg.data_mean, dtype=x.dtype, device=x.device)
+    std = torch.as_tensor(cfg.data_std, dtype=x.dtype, device=x.device)
+    return mean.expand(c).view(1, c, 1, 1), std.expand(c).view(1, c, 1, 1)
+
+
+def to_pixels(cfg: ViTConfig, x: Tensor) -> Tensor:
+    """Undo the normalisation: model inputs -> pixel values (not clamped)."""
+    mean, std = mean_std(cfg, x)
+    return x * std + mean
+
+
+def from_pixels(cfg: ViTConfig, pixels: Tensor) -> Tensor:
+    """Pixel values -> model inputs (the source model's mean / std)."""
+    mean, std = mean_std(cfg, pixels)
+    return (pixels - mean) / std
+
+
+def blur(cfg: ViTConfig, x: Tensor, kernel: int = 11, sigma: float = 5.0) -> Tensor:
+    """Gaussian blur of normalised images in pixel space, returned normalised ``[B, C, H, W]``
+    (the blurred context of insertion metrics and CAAP; Petsiuk et al. 2018 use kernel 11,
+    sigma 5)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    from patchlens.errors import InputError
+
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise InputError(f"blur_kernel must be a positive odd int, got {kernel!r}.")
+    if not sigma > 0:
+        raise InputError(f"blur_sigma must be > 0, got {sigma!r}.")
+    return from_pixels(cfg, gaussian_blur(to_pixels(cfg, x), [kernel, kernel], [float(sigma)] * 2))

@@ -2,7 +2,13 @@
 
 Variants are stacked along the batch axis, grouped by the first layer they touch so that each
 group starts from the unpatched residual stream at that layer (prefix reuse), split into
-chunks that fit a memory budget, and patched by one vectorised hook per hook point.
+chunks that fit a memory budget, and patched by one vectorised hook per hook point. The engine
+is the only place that installs hooks: it also captures activations and, on request, their
+gradients with respect to a metric (`run_variants(..., grads=...)`, `capture`).
+
+`run_variants` is four steps: `_validate` the arguments, `_plan` (resolve every site against
+the hook schema, pick each variant's start layer and the chunks), run the reference inputs and
+the shared prefix once, then `_execute` the chunks.
 """
 
 from __future__ import annotations
@@ -17,14 +23,15 @@ import torch
 from torch import Tensor
 
 from patchlens.errors import InputError
+from patchlens.metrics import check_metric_batch
+from patchlens.model.capture import Capture, differentiable_input
+from patchlens.model.hooks import HookSpec, required_options
+from patchlens.patching.checks import check_metric_values
 from patchlens.patching.interventions import Custom, Gather, Intervention, as_intervention
-from patchlens.patching.sites import ResolvedSite, Site, options_for
+from patchlens.patching.sites import ResolvedSite, Site
 
 Metric = Callable[[Tensor], Tensor]
-_LAYER_OF = re.compile(r"blocks\.(\d+)\.")
 CPU_MAX_ROWS = 64  # see benchmarks/patching.py and docs/performance.md
-_POST_BLOCK_HOOKS = ("hook_pooled", "hook_pooled_dist", "hook_logits", "ln_final.hook_scale",
-                     "ln_final.hook_normalized")
 
 
 @dataclass
@@ -34,6 +41,27 @@ class Variant:
     pairs: list[tuple[Site, Any]]
     label: Any = None
     meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class EngineResult:
+    """Outputs of `run_variants`.
+
+    Attributes:
+        outputs: ``[V, B]`` metric values, or ``[V, B, ...]`` model outputs without a metric.
+        captured: ``{hook: [V, B, ...]}`` activations of the patched runs (``capture=`` and
+            ``grads=`` hooks).
+        start_layers: the block each variant's run started at (-1: from the image).
+        grads: ``{hook: [V, B, ...]}`` gradient of the summed metric with respect to the
+            (patched) activation at each ``grads=`` hook.
+        raw_outputs: ``[V, B, ...]`` model outputs next to the metric (``keep_outputs=True``).
+    """
+
+    outputs: Tensor | None
+    captured: dict[str, Tensor]
+    start_layers: list[int]
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    raw_outputs: Tensor | None = None
 
 
 @dataclass
@@ -47,18 +75,19 @@ class _Entry:
 
 
 @dataclass
-class EngineResult:
-    """Outputs of `run_variants`: ``outputs [V, B, ...]`` (metric values or model outputs)
-    and, if asked, ``captured[hook] [V, B, ...]`` activations of the patched runs."""
-
-    outputs: Tensor
-    captured: dict[str, Tensor]
-    start_layers: list[int]
+class _Plan:
+    resolved: list[list[tuple[ResolvedSite, Site, Intervention]]]
+    starts: list[int]
+    flags: dict[str, bool]
+    chunks: list[list[int]]
+    layout: Any
 
 
 def parse_bytes(budget: str | int | float) -> int:
     """``"4GB"``, ``"512MB"``, ``2e9`` -> bytes."""
-    if isinstance(budget, (int, float)):
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if not budget > 0:
+            raise InputError(f"memory_budget must be > 0 bytes, got {budget!r}.")
         return int(budget)
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)i?B?\s*", str(budget), flags=re.IGNORECASE)
     if not m:
@@ -75,13 +104,14 @@ def bytes_per_row(model, n_tokens: int, explicit_attention: bool) -> int:
     return elem * n_tokens * (per_token + attn)
 
 
-def start_layer(model, site: ResolvedSite) -> int:
-    """First block a patched run must recompute for this site (-1: from the image)."""
-    if site.layer is not None:
-        return site.layer
-    if site.hook in _POST_BLOCK_HOOKS:
+def start_layer(model, spec: HookSpec) -> int:
+    """First block a patched run must recompute for a hook (-1: from the image;
+    ``n_layers``: only the pooling and head)."""
+    if spec.stage == "embed":
+        return -1
+    if spec.stage == "head":
         return model.cfg.n_layers
-    return -1
+    return spec.layer
 
 
 def run_variants(
@@ -92,6 +122,8 @@ def run_variants(
     metric: Metric | None = None,
     return_type: str = "logits",
     capture: Sequence[str] = (),
+    grads: Sequence[str] = (),
+    keep_outputs: bool = False,
     batch_size: int | None = None,
     memory_budget: str | int | None = "2GB",
     prefix_reuse: bool = True,
@@ -105,133 +137,109 @@ def run_variants(
         metric: ``outputs [N, ...] -> [N]``; if given, ``outputs`` holds its values ``[V, B]``.
         return_type: passed to the model (``"logits"``, ``"pooled"``).
         capture: hook names whose (patched) activations are returned per variant.
+        grads: hook names at which the gradient of ``metric`` (summed over the rows; each row
+            depends only on its own activations) with respect to the patched activation is
+            returned per variant (needs ``metric``). Computed with `torch.autograd.grad`:
+            parameters' ``.grad`` are left as they were. Runs start no later than the first of
+            these hooks.
+        keep_outputs: with a metric, also return the model outputs (``raw_outputs``).
         batch_size: rows per forward pass (variants x images); overrides ``memory_budget``.
         memory_budget: bound on activation memory per forward pass (estimate); on CPU chunks
             are also capped at ``CPU_MAX_ROWS`` rows, which measured faster per row.
         prefix_reuse: start each variant at the first layer it touches.
         progress: tqdm bar (None: only when there is more than one chunk).
-        grad: keep autograd on (for users who differentiate through patched runs).
+        grad: keep autograd on through the patched runs (for trainable interventions: the
+            outputs then carry the graph to the interventions' parameters).
         observers: ``(hook_name, fn)`` pairs; ``fn(hook_name, act, variant_indices)`` is called
             in every patched chunk with the activation at that hook after patching (``act``
             ``[len(variant_indices) * B, ...]``, variant-major; read-only) and the sweep
             indices of the chunk's variants. For statistics reduced inside the sweep's own run
             (e.g. `patchlens.diagnostics`); not called on the source or prefix runs.
     """
+    capture, grads, observers = list(capture), list(grads), list(observers)
+    _validate(model, x, variants, metric, capture, grads, observers, batch_size)
+    plan = _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_size,
+                 memory_budget)
+    differentiable = grad or bool(grads)
+    with (torch.no_grad() if differentiable else torch.inference_mode()), \
+            model.options(**plan.flags):
+        sources = _reference_activations(model, plan.resolved, x.shape[0], batch_size)
+        base = _base_residuals(model, x, sorted({s for s in plan.starts if s >= 0}))
+        # capture hooks that lie before a chunk's start layer hold the unpatched values
+        early = [h for h in capture if start_layer(model, model.hook_spec(h)) < max(plan.starts)
+                 and h not in grads]
+        unpatched = _run_and_keep(model, x, early, x.shape[0]) if early else {}
+    with model.options(**plan.flags):
+        return _execute(model, x, variants, plan, sources, base, unpatched, metric=metric,
+                        return_type=return_type, capture=capture, grads=grads,
+                        keep_outputs=keep_outputs, grad=grad, progress=progress,
+                        observers=observers)
+
+
+# ---- step 1: validate -----------------------------------------------------------------------
+def _validate(model, x, variants, metric, capture, grads, observers, batch_size) -> None:
     model.check_images(x)
+    if x.shape[0] == 0:
+        raise InputError("The target batch is empty (0 images); pass at least one image.")
     if len(variants) == 0:
         raise InputError("No variants to run: the selection is empty.")
-    b = x.shape[0]
-    grid = (x.shape[-2] // model.cfg.patch_size[0], x.shape[-1] // model.cfg.patch_size[1])
-    layout = model.layout_for(tuple(x.shape[-2:]))
-    n = model.cfg.n_layers
-    capture = list(capture)
-    model.check_hook_names(capture)
-    observers = list(observers)
-    model.check_hook_names([name for name, _ in observers])
-
-    resolved: list[list[tuple[ResolvedSite, Site, Intervention]]] = []
-    starts: list[int] = []
+    model.check_hook_names(capture + grads + [name for name, _ in observers])
+    if metric is not None:
+        check_metric_batch(metric, x.shape[0])
+    if grads and metric is None:
+        raise InputError("grads= needs a metric: the gradient of what? Pass metric=fn with "
+                         "fn(outputs) -> one value per row.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}.")
     for v in variants:
-        pairs = []
-        for site, iv in v.pairs:
-            if not isinstance(site, Site):
-                raise InputError(f"Expected a Site, got {site!r}.")
-            iv = as_intervention(iv)
-            for rs in site.resolve(model, grid):
-                pairs.append((rs, site, iv))
+        if not isinstance(v, Variant):
+            raise InputError(f"run_variants takes Variant objects, got {type(v).__name__}.")
+        for pair in v.pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Site)):
+                raise InputError(f"A variant's pairs are (Site, intervention) tuples; got "
+                                 f"{pair!r} in variant {v.label!r}.")
+
+
+# ---- step 2: plan ---------------------------------------------------------------------------
+def _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_size,
+          memory_budget) -> _Plan:
+    b = x.shape[0]
+    cfg = model.cfg
+    grid = (x.shape[-2] // cfg.patch_size[0], x.shape[-1] // cfg.patch_size[1])
+    layout = model.layout_for(tuple(x.shape[-2:]))
+    n = cfg.n_layers
+    grad_start = min((start_layer(model, model.hook_spec(h)) for h in grads), default=n)
+    resolved, starts = [], []
+    for v in variants:
+        pairs = [(rs, site, iv) for site, raw in v.pairs
+                 for iv in [as_intervention(raw)] for rs in site.resolve(model, grid)]
         resolved.append(pairs)
-        starts.append(min((start_layer(model, rs) for rs, _, _ in pairs), default=n)
-                      if prefix_reuse else -1)
+        first = min((start_layer(model, rs.spec) for rs, _, _ in pairs), default=n)
+        starts.append(min(first, grad_start) if prefix_reuse else -1)
+    hooks = ({rs.hook for pairs in resolved for rs, _, _ in pairs} | set(capture) | set(grads)
+             | {name for name, _ in observers})
+    flags = required_options(model.hook_spec(h) for h in sorted(hooks))
 
-    flags = options_for(sorted({rs.hook for pairs in resolved for rs, _, _ in pairs}
-                               | set(capture) | {name for name, _ in observers}))
-    ctx = torch.enable_grad() if grad else torch.inference_mode()
-    with ctx, model.options(**flags):
-        sources = _reference_activations(model, resolved, b, batch_size)
-        needed = sorted({s for s in starts if 0 <= s})
-        base = _base_residuals(model, x, needed)
-        explicit = any(rs.hook.endswith(("hook_pattern", "hook_attn_scores"))
-                       for pairs in resolved for rs, _, _ in pairs)
-        if batch_size is None:
-            budget = parse_bytes(memory_budget or "2GB")
-            rows = max(b, budget // max(1, bytes_per_row(model, layout.n_tokens, explicit)))
-            if x.device.type == "cpu":  # measured: chunks beyond ~64 rows run slower per row on CPU
-                rows = max(b, min(rows, CPU_MAX_ROWS))
+    explicit = any(rs.spec.has_key_axis for pairs in resolved for rs, _, _ in pairs)
+    if batch_size is None:
+        budget = parse_bytes(memory_budget or "2GB")
+        rows = max(b, budget // max(1, bytes_per_row(model, layout.n_tokens, explicit)))
+        if x.device.type == "cpu":  # measured: chunks beyond ~64 rows run slower per row on CPU
+            rows = max(b, min(rows, CPU_MAX_ROWS))
+    else:
+        rows = max(b, batch_size)
+    per_chunk = max(1, rows // b)
+    chunks: list[list[int]] = []
+    for i in sorted(range(len(variants)), key=lambda i: starts[i]):
+        if chunks and starts[chunks[-1][0]] == starts[i] and len(chunks[-1]) < per_chunk:
+            chunks[-1].append(i)
         else:
-            if batch_size < 1:
-                raise InputError(f"batch_size must be >= 1, got {batch_size}.")
-            rows = max(b, batch_size)
-        per_chunk = max(1, rows // b)
-
-        order = sorted(range(len(variants)), key=lambda i: starts[i])
-        chunks: list[list[int]] = []
-        for i in order:
-            if chunks and starts[chunks[-1][0]] == starts[i] and len(chunks[-1]) < per_chunk:
-                chunks[-1].append(i)
-            else:
-                chunks.append([i])
-
-        outputs: Tensor | None = None
-        captured: dict[str, Tensor] = {}
-        bar = _progress(len(variants), progress, len(chunks))
-        try:
-            for chunk in chunks:
-                s = starts[chunk[0]]
-                entries = [
-                    _Entry(slot, vi, k, rs, site, iv)
-                    for slot, vi in enumerate(chunk)
-                    for k, (rs, site, iv) in enumerate(resolved[vi])
-                ]
-                captured_sink: dict[str, Tensor] = {}
-                hooks = _build_hooks(model, entries, b, layout, sources, captured_sink, capture)
-                if observers:
-                    hooks += _observer_hooks(observers, torch.tensor(chunk))
-                if s < 0:
-                    inp, kwargs = x.repeat(len(chunk), 1, 1, 1), {}
-                else:
-                    inp, kwargs = base[s].repeat(len(chunk), 1, 1), {"start_at_layer": s}
-                with model.hooks(fwd_hooks=hooks):
-                    out = model(inp, return_type=return_type, **kwargs)
-                out = _apply_metric(metric, out, len(chunk), b, [variants[i].label for i in chunk])
-                if outputs is None:
-                    outputs = out.new_empty((len(variants), *out.shape[1:]))
-                outputs[chunk] = out
-                for name, act in captured_sink.items():
-                    if name not in captured:
-                        captured[name] = act.new_zeros((len(variants), b, *act.shape[1:]))
-                    captured[name][chunk] = act.reshape(len(chunk), b, *act.shape[1:])
-                if bar is not None:
-                    bar.update(len(chunk))
-        finally:
-            if bar is not None:
-                bar.close()
-    return EngineResult(outputs, captured, starts)
+            chunks.append([i])
+    return _Plan(resolved, starts, flags, chunks, layout)
 
 
-def _progress(total: int, progress: bool | None, n_chunks: int):
-    if progress is False or (progress is None and n_chunks <= 1):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="patching", unit="variant", leave=False)
-
-
-def _apply_metric(metric: Metric | None, out: Tensor, n_var: int, b: int, labels) -> Tensor:
-    if metric is None:
-        return out.reshape(n_var, b, *out.shape[1:])
-    values = metric(out)
-    if not isinstance(values, Tensor) or values.shape != (out.shape[0],):
-        got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise InputError(
-            f"The metric must return one value per example, shape ({out.shape[0]},); it returned "
-            f"{got}. Reduce over everything but the batch axis."
-        )
-    if not torch.isfinite(values).all():
-        bad = [labels[i // b] for i in torch.nonzero(~torch.isfinite(values)).flatten().tolist()]
-        raise InputError(f"The metric returned a non-finite value for variant(s) {bad[:5]}.")
-    return values.reshape(n_var, b)
-
-
+# ---- step 3: what every variant shares ------------------------------------------------------
 def _reference_activations(model, resolved, target_batch: int, batch_size: int | None):
     """Run each reference input once, caching only the hooks its intervention is used at."""
     hooks_by_iv: dict[int, set[str]] = defaultdict(set)
@@ -246,20 +254,27 @@ def _reference_activations(model, resolved, target_batch: int, batch_size: int |
         iv = ivs[key]
         ref = iv.reference
         model.check_images(ref)
-        step = batch_size or 64
-        # stop after the last block whose hooks are needed (no head or later blocks)
-        matches = [_LAYER_OF.match(h) for h in hooks]
-        last = max(int(m.group(1)) for m in matches) if all(matches) else model.cfg.n_layers
-        stop = last + 1 if last + 1 < model.cfg.n_layers else None
-        parts: dict[str, list[Tensor]] = defaultdict(list)
-        for i in range(0, ref.shape[0], step):
-            _, cache = model.run_with_cache(ref[i : i + step], names_filter=sorted(hooks),
-                                            return_type=None, stop_at_layer=stop)
-            for h in hooks:
-                parts[h].append(cache[h])
-        acts = {h: torch.cat(p) for h, p in parts.items()}
-        out[key] = iv.prepare(acts, target_batch)
+        specs = {h: model.hook_spec(h) for h in hooks}
+        acts = _run_and_keep(model, ref, sorted(hooks), batch_size or 64)
+        out[key] = iv.prepare(acts, target_batch, specs)
     return out
+
+
+def _run_and_keep(model, x: Tensor, hooks: list[str], step: int) -> dict[str, Tensor]:
+    """The activations at ``hooks`` on ``x``, in chunks of ``step`` images, stopping after the
+    last block the hooks need (no head or later blocks)."""
+    n = model.cfg.n_layers
+    specs = [model.hook_spec(h) for h in hooks]
+    last = max(s.layer for s in specs) if all(s.stage == "block" for s in specs) else n
+    stop = last + 1 if last + 1 < n else None
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    for i in range(0, x.shape[0], step):
+        cap = Capture(hooks)
+        with model.hooks(fwd_hooks=cap.hooks()):
+            model(x[i : i + step], return_type=None, stop_at_layer=stop)
+        for h in hooks:
+            parts[h].append(cap.acts[h])
+    return {h: torch.cat(p) for h, p in parts.items()}
 
 
 def _base_residuals(model, x: Tensor, layers: list[int]) -> dict[int, Tensor]:
@@ -270,47 +285,148 @@ def _base_residuals(model, x: Tensor, layers: list[int]) -> dict[int, Tensor]:
     n = model.cfg.n_layers
     names = {l: (f"blocks.{l}.hook_resid_pre" if l < n else f"blocks.{n - 1}.hook_resid_post")
              for l in layers}
-    _, cache = model.run_with_cache(x, names_filter=list(names.values()),
-                                    return_type=None, stop_at_layer=min(max(layers) + 1, n))
-    return {l: cache[name] for l, name in names.items()}
+    cap = Capture(list(names.values()))
+    with model.hooks(fwd_hooks=cap.hooks()):
+        model(x, return_type=None, stop_at_layer=min(max(layers) + 1, n))
+    return {l: cap.acts[name] for l, name in names.items()}
 
 
-def _build_hooks(model, entries: list[_Entry], b: int, layout, sources, sink, capture):
-    """One hook function per hook point, applying its entries in vectorised groups."""
+# ---- step 4: execute ------------------------------------------------------------------------
+def _execute(model, x, variants, plan: _Plan, sources, base, unpatched, *, metric, return_type,
+             capture, grads, keep_outputs, grad, progress, observers) -> EngineResult:
+    b = x.shape[0]
+    outputs: Tensor | None = None
+    raw: Tensor | None = None
+    captured: dict[str, Tensor] = {}
+    grad_out: dict[str, Tensor] = {}
+    differentiable = grad or bool(grads)
+    bar = _progress(len(variants), progress, len(plan.chunks))
+    try:
+        for chunk in plan.chunks:
+            s = plan.starts[chunk[0]]
+            entries = [_Entry(slot, vi, k, rs, site, iv)
+                       for slot, vi in enumerate(chunk)
+                       for k, (rs, site, iv) in enumerate(plan.resolved[vi])]
+            hooks = _patch_hooks(model, entries, b, plan.layout, sources)
+            keep = Capture([h for h in capture if h not in grads], clone=True)
+            keep_grad = Capture(grads, keep_graph=True)
+            hooks += keep.hooks() + keep_grad.hooks()
+            if observers:
+                hooks += _observer_hooks(observers, torch.tensor(chunk))
+            if s < 0:
+                inp, kwargs = x.repeat(len(chunk), 1, 1, 1), {}
+            else:
+                inp, kwargs = base[s].repeat(len(chunk), 1, 1), {"start_at_layer": s}
+            if grads:
+                inp = differentiable_input(inp)
+            mode = torch.enable_grad() if differentiable else torch.inference_mode()
+            with mode, model.hooks(fwd_hooks=hooks):
+                out = model(inp, return_type=return_type, **kwargs)
+                labels = [variants[i].label for i in chunk]
+                values = _apply_metric(metric, out, len(chunk), b, labels)
+                chunk_grads = keep_grad.gradients(values.sum()) if grads else {}
+            if values is not None:  # None with return_type=None and no metric
+                if not grad:
+                    values = values.detach()
+                if outputs is None:
+                    outputs = values.new_empty((len(variants), *values.shape[1:]))
+                outputs[chunk] = values
+            if keep_outputs and metric is not None:
+                if raw is None:
+                    raw = out.new_empty((len(variants), b, *out.shape[1:]))
+                raw[chunk] = out.detach().reshape(len(chunk), b, *out.shape[1:])
+            for name, act in list(keep.acts.items()) + list(keep_grad.detached().items()):
+                _store(captured, name, act, chunk, len(variants), b)
+            for name in keep.names:
+                if name not in keep.acts:  # before this chunk's start: never patched here
+                    act = unpatched[name].repeat(len(chunk), *[1] * (unpatched[name].ndim - 1))
+                    _store(captured, name, act, chunk, len(variants), b)
+            for name, g in chunk_grads.items():
+                _store(grad_out, name, g, chunk, len(variants), b)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    return EngineResult(outputs, captured, plan.starts, grad_out, raw)
+
+
+def _store(sink: dict[str, Tensor], name: str, act: Tensor, chunk: list[int], n_var: int,
+           b: int) -> None:
+    if name not in sink:
+        sink[name] = act.new_zeros((n_var, b, *act.shape[1:]))
+    sink[name][chunk] = act.reshape(len(chunk), b, *act.shape[1:])
+
+
+def _progress(total: int, progress: bool | None, n_chunks: int):
+    if progress is False or (progress is None and n_chunks <= 1):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="patching", unit="variant", leave=False)
+
+
+def _apply_metric(metric: Metric | None, out: Tensor | None, n_var: int, b: int,
+                  labels) -> Tensor | None:
+    if metric is None:
+        return None if out is None else out.reshape(n_var, b, *out.shape[1:])
+    if out is None:
+        raise InputError("A metric needs the model's output; return_type=None returns none.")
+    values = check_metric_values(metric(out), out.shape[0], "per row")
+    if not torch.isfinite(values).all():
+        bad = [labels[i // b] for i in torch.nonzero(~torch.isfinite(values)).flatten().tolist()]
+        raise InputError(f"The metric returned a non-finite value for variant(s) {bad[:5]}.")
+    return values.reshape(n_var, b)
+
+
+def _patch_hooks(model, entries: list[_Entry], b: int, layout, sources):
+    """One hook function per patched hook point, applying its entries in vectorised groups."""
     by_hook: dict[str, list[_Entry]] = defaultdict(list)
     for e in entries:
         by_hook[e.site.hook].append(e)
-    n_tokens, n_heads = layout.n_tokens, model.cfg.n_heads
+    sizes = {"token": layout.n_tokens, "head": model.cfg.n_heads}
     hooks = []
     for name, group in by_hook.items():
-        plans = []
         keyed: dict[tuple, list[_Entry]] = defaultdict(list)
         for e in group:
             rs = e.site
-            key = (e.order, id(e.intervention), rs.tokens is None,
+            key = (e.order, id(e.intervention),
                    None if rs.tokens is None else len(rs.tokens),
-                   None if rs.heads is None else len(rs.heads), rs.token_dim, rs.head_dim)
+                   None if rs.heads is None else len(rs.heads),
+                   None if rs.features is None else len(rs.features))
             keyed[key].append(e)
-        for es in keyed.values():
-            rs0 = es[0].site
-            ar = torch.arange(b)
-            rows = torch.stack([e.slot * b + ar for e in es])
-            images = ar.expand(len(es), b)
-            var = torch.tensor([e.index for e in es]).view(-1, 1).expand(-1, b)
-            toks = torch.stack([torch.arange(n_tokens) if e.site.tokens is None else e.site.tokens
-                                for e in es])
-            heads = None
-            if rs0.head_dim is not None:
-                heads = torch.stack([torch.arange(n_heads) if e.site.heads is None else e.site.heads
-                                     for e in es])
-            gather = Gather(rows, images, var, toks, heads, rs0.token_dim, rs0.head_dim, name)
-            plans.append((gather, es))
+        plans = [(_gather(es, b, sizes), es) for es in keyed.values()]
         hooks.append((name, _make_hook(plans, sources)))
-    for name in capture:
-        def keep(act, hook, _name=name):
-            sink[_name] = act.detach().clone()
-        hooks.append((name, keep))
     return hooks
+
+
+def _gather(es: list[_Entry], b: int, sizes: dict[str, int]) -> Gather:
+    """The `Gather` of a group of entries that share an intervention and selection sizes."""
+    spec = es[0].site.spec
+    ar = torch.arange(b)
+    rows = torch.stack([e.slot * b + ar for e in es])
+    images = ar.expand(len(es), b)
+    variants = torch.tensor([e.index for e in es]).view(-1, 1).expand(-1, b)
+    features = es[0].site.features is not None
+    indexed = [a for a in (spec.token_axis, spec.head_axis,
+                           spec.feature_axis if features else None) if a is not None]
+    selections = []
+    for axis in range(1, max(indexed, default=0) + 1):
+        if axis == spec.token_axis:
+            picks = [e.site.tokens for e in es]
+            full = sizes["token"]
+        elif axis == spec.head_axis:
+            picks = [e.site.heads for e in es]
+            full = sizes["head"]
+        elif axis == spec.feature_axis:
+            picks = [e.site.features for e in es]
+            full = None
+        else:
+            raise InputError(f"Cannot select at {spec.describe()}: axis {spec.axes[axis]!r} "
+                             "lies before a token or head axis.")
+        selections.append((axis, torch.stack([torch.arange(full) if p is None else p
+                                              for p in picks])))
+    return Gather(rows, images, variants, tuple(selections), spec)
 
 
 def _observer_hooks(observers, chunk: Tensor):
@@ -322,16 +438,28 @@ def _observer_hooks(observers, chunk: Tensor):
     return [(name, make(fn)) for name, fn in observers]
 
 
+def _check_bounds(gather: Gather, act: Tensor) -> None:
+    """Selections must fit the activation (feature widths are only known at run time)."""
+    for axis, sel in gather.selections:
+        if sel.numel() and int(sel.max()) >= act.shape[axis]:
+            raise InputError(
+                f"Index {int(sel.max())} on axis {gather.spec.axes[axis]!r} of {gather.hook} is "
+                f"out of range: that axis has {act.shape[axis]} entries."
+            )
+
+
 def _make_hook(plans, sources):
     def hook_fn(act: Tensor, hook) -> Tensor:
         for gather, es in plans:
+            _check_bounds(gather, act)
             if act.device != gather.rows.device:
-                gather = _to_device(gather, act.device)
+                gather = gather.to(act.device)
             idx = gather.index(gather.rows)
             selected = act[idx]
             iv = es[0].intervention
             if isinstance(iv, Custom):
-                new = torch.stack([iv.apply_one(selected[i], hook, e.user_site) for i, e in enumerate(es)])
+                new = torch.stack([iv.apply_one(selected[i], hook, e.user_site)
+                                   for i, e in enumerate(es)])
             else:
                 src = sources.get(id(iv), {}).get(gather.hook) if iv.reference is not None else None
                 new = iv.values(selected, gather, src)
@@ -346,14 +474,65 @@ def _make_hook(plans, sources):
     return hook_fn
 
 
-def _to_device(g: Gather, device) -> Gather:
-    return Gather(g.rows.to(device), g.images.to(device), g.variants.to(device), g.tokens.to(device),
-                  None if g.heads is None else g.heads.to(device), g.token_dim, g.head_dim, g.hook)
+# ---- one run, activations and gradients -------------------------------------------------------
+@dataclass
+class CaptureResult:
+    """What `capture` returns.
+
+    Attributes:
+        output: ``[B, ...]`` the model output (``return_type``; None for None), detached.
+        values: ``[B]`` the metric on it (None without a metric).
+        acts: ``{hook: [B, ...]}`` the activations (after the ``pairs``' interventions).
+        grads: ``{hook: [B, ...]}`` ``d sum(values) / d act`` (with ``grads=True``).
+    """
+
+    output: Tensor | None
+    values: Tensor | None
+    acts: dict[str, Tensor]
+    grads: dict[str, Tensor]
 
 
-def suggested_batch_rows(model, n_tokens: int, budget: str | int = "2GB") -> int:
-    """Rows per forward pass that `run_variants` would use under ``budget``."""
-    return max(1, parse_bytes(budget) // bytes_per_row(model, n_tokens, False))
+def capture(model, x: Tensor, hooks: Sequence[str], metric: Metric | None = None, *,
+            grads: bool | Sequence[str] = False, pairs: Sequence[tuple[Site, Any]] = (),
+            return_type: str | None = "logits", batch_size: int | None = None) -> CaptureResult:
+    """One forward pass of ``x`` ``[B, C, H, W]`` (with the (site, intervention) ``pairs``
+    applied, if any) keeping the activations at ``hooks`` and, with ``grads=True`` (or a list
+    of some of the hooks), the gradient of ``metric(output).sum()`` with respect to each of
+    them (one backward pass; rows are independent, so each image's gradient is its own).
+    ``batch_size`` splits ``x`` into chunks of that many images. Parameters' ``.grad`` are
+    left untouched."""
+    hooks = list(dict.fromkeys(hooks))
+    grad_hooks = hooks if grads is True else list(grads or ())
+    hooks += [h for h in grad_hooks if h not in hooks]
+    if grad_hooks and metric is None:
+        raise InputError("capture(..., grads=...) needs a metric to differentiate.")
+    model.check_images(x)
+    step = x.shape[0] if batch_size is None else batch_size
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    parts: list[EngineResult] = []
+    for i in range(0, x.shape[0], step):
+        parts.append(run_variants(
+            model, x[i : i + step], [Variant(list(pairs), "run")], metric=metric,
+            return_type=return_type, capture=hooks, grads=grad_hooks,
+            keep_outputs=True, prefix_reuse=False, progress=False))
+
+    def cat(get):
+        return torch.cat([get(p)[0] for p in parts])
+
+    output = (None if return_type is None
+              else cat(lambda p: p.raw_outputs if metric is not None else p.outputs))
+    values = cat(lambda p: p.outputs) if metric is not None else None
+    acts = {h: cat(lambda p, h=h: p.captured[h]) for h in hooks}
+    grad_d = {h: cat(lambda p, h=h: p.grads[h]) for h in grad_hooks}
+    return CaptureResult(output, values, acts, grad_d)
 
 
-__all__ = ["Variant", "EngineResult", "run_variants", "parse_bytes"]
+def capture_grads(model, x: Tensor, hooks: Sequence[str], metric: Metric,
+                  **kwargs: Any) -> CaptureResult:
+    """`capture` with ``grads=True``: activations and ``d sum(metric) / d activation``."""
+    return capture(model, x, hooks, metric, grads=True, **kwargs)
+
+
+__all__ = ["Variant", "EngineResult", "CaptureResult", "run_variants", "capture",
+           "capture_grads", "parse_bytes", "start_layer"]

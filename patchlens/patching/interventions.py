@@ -9,6 +9,7 @@ caches only the hooks it needs, and hands the result to `prepare`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from patchlens.errors import InputError
+from patchlens.model.hooks import HookSpec
 
 
 @dataclass
@@ -25,30 +27,51 @@ class Gather:
 
     ``rows`` ``[E, B]`` are rows of the running batch; ``images`` ``[E, B]`` the target image
     each row patches (used to pick aligned rows of a source); ``variants`` ``[E, B]`` the
-    index of each row's variant in the whole sweep; ``tokens`` ``[E, T]`` and
-    ``heads`` ``[E, H]`` (None when the hook has no head axis).
+    index of each row's variant in the whole sweep; ``selections`` one ``(axis, index [E, k])``
+    per hook axis 1, 2, ... up to the last selected one (tokens, heads or features, in the
+    hook's own axis order; empty for hooks without such axes: whole rows). ``spec`` is the
+    hook's `HookSpec`. The gathered tensor is ``[E, B, k_1, k_2, ..., *remaining axes]``.
     """
 
     rows: Tensor
     images: Tensor
     variants: Tensor
-    tokens: Tensor
-    heads: Tensor | None
-    token_dim: int
-    head_dim: int | None
-    hook: str = ""
+    selections: tuple[tuple[int, Tensor], ...]
+    spec: HookSpec
+
+    @property
+    def hook(self) -> str:
+        return self.spec.name
+
+    def selected(self, axis: int | None) -> Tensor | None:
+        """The index ``[E, k]`` on hook axis ``axis`` (None if that axis is not indexed)."""
+        for a, sel in self.selections:
+            if a == axis:
+                return sel
+        return None
+
+    @property
+    def tokens(self) -> Tensor | None:
+        return self.selected(self.spec.token_axis)
+
+    @property
+    def heads(self) -> Tensor | None:
+        return self.selected(self.spec.head_axis)
+
+    @property
+    def features(self) -> Tensor | None:
+        return self.selected(self.spec.feature_axis)
 
     def index(self, batch: Tensor) -> tuple[Tensor, ...]:
-        """An advanced index giving ``[E, B, T, (H), ...]`` for batch indices ``batch [E, B]``."""
+        """An advanced index giving ``[E, B, k_1, ...]`` for batch indices ``batch [E, B]``."""
         e, b = batch.shape
-        if self.token_dim < 0:  # pooled / logits hooks: whole rows
-            return (batch,)
-        t = self.tokens.shape[1]
-        if self.heads is None:
-            return (batch.view(e, b, 1), self.tokens.view(e, 1, t))
-        h = self.heads.shape[1]
-        rows, toks, heads = batch.view(e, b, 1, 1), self.tokens.view(e, 1, t, 1), self.heads.view(e, 1, 1, h)
-        return (rows, heads, toks) if self.head_dim == 1 else (rows, toks, heads)
+        m = len(self.selections)
+        out = [batch.view(e, b, *([1] * m))]
+        for j, (_, sel) in enumerate(self.selections):
+            shape = [e, 1] + [1] * m
+            shape[2 + j] = sel.shape[1]
+            out.append(sel.view(shape))
+        return tuple(out)
 
     def take(self, act: Tensor) -> Tensor:
         return act[self.index(self.rows)]
@@ -59,14 +82,20 @@ class Gather:
             batch = self.images if source.shape[0] > 1 else torch.zeros_like(self.images)
         return source[self.index(batch.to(source.device))]
 
+    def to(self, device) -> Gather:
+        return Gather(self.rows.to(device), self.images.to(device), self.variants.to(device),
+                      tuple((a, t.to(device)) for a, t in self.selections), self.spec)
+
 
 class Intervention:
     """Base class. Subclasses implement `values` (and `prepare` if they use ``reference``)."""
 
     reference: Tensor | None = None
 
-    def prepare(self, acts: dict[str, Tensor], target_batch: int) -> dict[str, Tensor]:
-        """Turn the reference input's cached activations into what `values` reads."""
+    def prepare(self, acts: dict[str, Tensor], target_batch: int,
+                specs: dict[str, HookSpec]) -> dict[str, Tensor]:
+        """Turn the reference input's cached activations ``{hook: [n, ...]}`` into what
+        `values` reads; ``specs`` gives each hook's axes."""
         return acts
 
     def values(self, act: Tensor, where: Gather, source: Tensor | None) -> Tensor:
@@ -85,7 +114,7 @@ class Interchange(Intervention):
         self.reference = source
         self.name = name
 
-    def prepare(self, acts, target_batch):
+    def prepare(self, acts, target_batch, specs):
         for a in acts.values():
             if a.shape[0] not in (1, target_batch):
                 raise InputError(
@@ -137,13 +166,13 @@ class Mean(Intervention):
         self.reference = reference
         self.per_token = per_token
 
-    def prepare(self, acts, target_batch):
+    def prepare(self, acts, target_batch, specs):
         out = {}
         for hook, a in acts.items():
             m = a.mean(dim=0, keepdim=True)
-            if not self.per_token:
-                tok_dim = 2 if hook.endswith(("hook_pattern", "hook_attn_scores")) else 1
-                m = m.mean(dim=tok_dim, keepdim=True).expand_as(m)
+            tok = specs[hook].token_axis
+            if not self.per_token and tok is not None:
+                m = m.mean(dim=tok, keepdim=True).expand_as(m)
             out[hook] = m
         return out
 
@@ -227,10 +256,13 @@ class Scale(Intervention):
 
 class Custom(Intervention):
     """Wrap a user function ``fn(activation, hook, site) -> activation``. The function gets
-    the selected part of one variant's activation, ``[B, T, (H), ...]`` (B target images,
-    T selected tokens, H selected heads), and must return a tensor of the same shape."""
+    the selected part of one variant's activation, ``[B, ...]`` in the hook's own axis order
+    (B target images; the token, head or feature axes hold only the selected indices, e.g.
+    ``[B, T, H, d_head]`` at ``hook_z``, ``[B, H, T, key_pos]`` at ``hook_pattern``), and must
+    return a tensor of the same shape."""
 
     def __init__(self, fn: Callable[[Tensor, Any, Any], Tensor], site: Any = None):
+        _check_custom_signature(fn)
         self.fn, self.site = fn, site
 
     def values(self, act, where, source):
@@ -269,9 +301,31 @@ class PerVariant(Intervention):
 
 
 def as_intervention(obj: Any) -> Intervention:
-    """An `Intervention`, or a callable wrapped in `Custom`."""
+    """An `Intervention`, or a callable ``fn(activation, hook, site)`` wrapped in `Custom`."""
     if isinstance(obj, Intervention):
         return obj
     if callable(obj):
+        _check_custom_signature(obj)
         return Custom(obj)
     raise InputError(f"{obj!r} is neither an Intervention nor a callable (activation, hook, site).")
+
+
+def _check_custom_signature(fn: Callable) -> None:
+    """Refuse a TransformerLens-style two-argument hook ``fn(activation, hook)`` up front."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(positional) < 3 or len(required) > 3:
+        name = getattr(fn, "__name__", repr(fn))
+        raise InputError(
+            f"The intervention {name!r} takes {len(positional)} positional argument(s); patchlens "
+            "calls interventions as fn(activation, hook, site), where activation is only the "
+            "selected part ([B, ...], selected tokens/heads). To reuse a TransformerLens hook "
+            "fn(activation, hook), wrap it: lambda act, hook, site: tl_hook(act, hook) (it then "
+            "sees the selection, not the full activation), or run it with model.run_with_hooks."
+        )

@@ -16,7 +16,7 @@ from patchlens.patching.interventions import as_intervention
 from patchlens.patching.results import PatchResult
 from patchlens.patching.sites import Site
 
-AXIS_NAMES = {"layers": "layer", "tokens": "token", "heads": "head"}
+AXIS_NAMES = {"layers": "layer", "tokens": "token", "heads": "head", "features": "feature"}
 
 
 def patch(model, x: Tensor, pairs: Sequence[tuple[Site, Any]], return_type: str = "logits",

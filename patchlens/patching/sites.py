@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,35 +10,7 @@ import torch
 from torch import Tensor
 
 from patchlens.errors import InputError, unknown_hook_error
-
-# short name -> (template, axes). Axes give the dimension of tokens and heads in the activation.
-SHORT_NAMES: dict[str, str] = {
-    "resid_pre": "blocks.{l}.hook_resid_pre",
-    "resid_mid": "blocks.{l}.hook_resid_mid",
-    "resid_post": "blocks.{l}.hook_resid_post",
-    "attn_out": "blocks.{l}.hook_attn_out",
-    "mlp_out": "blocks.{l}.hook_mlp_out",
-    "z": "blocks.{l}.attn.hook_z",
-    "q": "blocks.{l}.attn.hook_q",
-    "k": "blocks.{l}.attn.hook_k",
-    "v": "blocks.{l}.attn.hook_v",
-    "result": "blocks.{l}.attn.hook_result",
-    "pattern": "blocks.{l}.attn.hook_pattern",
-    "attn_scores": "blocks.{l}.attn.hook_attn_scores",
-    "mlp_pre": "blocks.{l}.mlp.hook_pre",
-    "mlp_post": "blocks.{l}.mlp.hook_post",
-    "q_input": "blocks.{l}.hook_q_input",
-    "k_input": "blocks.{l}.hook_k_input",
-    "v_input": "blocks.{l}.hook_v_input",
-    "embed": "hook_full_embed",
-    "tok_embed": "hook_embed",
-    "pos_embed": "hook_pos_embed",
-    "ln_pre": "hook_ln_pre",
-}
-HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_q_input",
-              "hook_k_input", "hook_v_input")
-PATTERN_HOOKS = ("hook_pattern", "hook_attn_scores")
-_LAYER_RE = re.compile(r"blocks\.(\d+)\.")
+from patchlens.model.hooks import HookSpec, check_axis_selection
 
 TokenSelector = Any  # int | list[int] | str | (row, col) | bool mask | Rect | Tensor
 LayerSelector = Any  # int | list[int] | range | "all" | None
@@ -47,29 +18,45 @@ LayerSelector = Any  # int | list[int] | range | "all" | None
 
 @dataclass(frozen=True)
 class Rect:
-    """A rectangle of the patch grid: rows ``[r0, r1)`` x cols ``[c0, c1)``."""
+    """A rectangle of the patch grid: rows ``[r0, r1)`` x cols ``[c0, c1)`` (non-negative
+    ints, ``r0 < r1``, ``c0 < c1``; checked against the grid when resolved)."""
 
     r0: int
     r1: int
     c0: int
     c1: int
 
+    def __post_init__(self) -> None:
+        vals = (self.r0, self.r1, self.c0, self.c1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            raise InputError(f"Rect takes ints (r0, r1, c0, c1), got {vals}.")
+        if min(vals) < 0 or self.r0 >= self.r1 or self.c0 >= self.c1:
+            raise InputError(
+                f"Rect(r0={self.r0}, r1={self.r1}, c0={self.c0}, c1={self.c1}) is not a rectangle "
+                "of the patch grid: rows [r0, r1) and cols [c0, c1) need 0 <= r0 < r1 and "
+                "0 <= c0 < c1 (no negative indices)."
+            )
+
 
 @dataclass(frozen=True)
 class ResolvedSite:
-    """One hook point of a `Site` with its selections as index tensors (None = everything)."""
+    """One hook point of a `Site` with its selections as index tensors (None = everything)
+    and the hook's `HookSpec` (which says where the token and head axes are)."""
 
     hook: str
     layer: int | None
     tokens: Tensor | None
     heads: Tensor | None
-    token_dim: int
-    head_dim: int | None
+    spec: HookSpec
+    features: Tensor | None = None
 
     @property
-    def start_layer(self) -> int:
-        """The first block whose forward pass this hook belongs to (-1: before block 0)."""
-        return -1 if self.layer is None else self.layer
+    def token_dim(self) -> int | None:
+        return self.spec.token_axis
+
+    @property
+    def head_dim(self) -> int | None:
+        return self.spec.head_axis
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,12 +73,15 @@ class Site:
             an int or list of token indices, a ``(row, col)`` patch, a boolean patch-grid mask
             ``[grid_h, grid_w]``, or a `Rect`. For attention patterns, tokens select the query.
         heads: an int or list (for per-head hooks: q, k, v, z, result, pattern, q/k/v_input).
+        features: an int or list of feature indices (for hooks with a ``feature`` axis, e.g. a
+            spliced sparse autoencoder's ``hook_sae_acts_post``).
     """
 
     hook: str
     layers: LayerSelector = "all"
     tokens: TokenSelector = "all"
     heads: int | Sequence[int] | None = None
+    features: int | Sequence[int] | None = None
     name: str = field(default="", compare=False)
 
     def __repr__(self) -> str:
@@ -102,57 +92,70 @@ class Site:
             parts.append(f"tokens={_short(self.tokens)}")
         if self.heads is not None:
             parts.append(f"heads={_short(self.heads)}")
+        if self.features is not None:
+            parts.append(f"features={_short(self.features)}")
         return f"Site({', '.join(parts)})"
 
     # ------------------------------------------------------------------------------------------
     def hook_names(self, model) -> list[tuple[str, int | None]]:
-        """The full hook names this site covers, with their layers."""
-        n = model.cfg.n_layers
-        if self.hook in SHORT_NAMES:
-            template = SHORT_NAMES[self.hook]
-            if "{l}" not in template:
-                names = [(template, None)]
-            else:
-                names = [(template.format(l=layer), layer) for layer in resolve_layers(self.layers, n)]
-        elif self.hook in model.hook_dict:
-            m = _LAYER_RE.match(self.hook)
-            names = [(self.hook, int(m.group(1)) if m else None)]
-        else:
-            candidates = list(SHORT_NAMES) + list(model.hook_dict)
-            raise unknown_hook_error(self.hook, candidates)
-        for name, _ in names:
-            if name not in model.hook_dict:
-                raise unknown_hook_error(name, model.hook_dict)
-        return names
+        """The full hook names this site covers, with their layers (from the hook schema)."""
+        aliases = model.hook_aliases
+        if self.hook in aliases:
+            by_layer = aliases[self.hook]
+            if None in by_layer:
+                if not _is_all(self.layers):
+                    raise InputError(f"{self.hook!r} ({by_layer[None]}) is not a per-layer hook; "
+                                     f"leave layers at 'all', got layers={self.layers!r}.")
+                return [(by_layer[None], None)]
+            names = []
+            for layer in resolve_layers(self.layers, model.cfg.n_layers):
+                if layer not in by_layer:
+                    raise InputError(
+                        f"{self.hook!r} has no hook at layer {layer}; it exists at layers "
+                        f"{sorted(by_layer)}."
+                    )
+                names.append((by_layer[layer], layer))
+            return names
+        if self.hook in model.hook_dict:
+            spec = model.hook_spec(self.hook)
+            if not _is_all(self.layers):
+                wanted = resolve_layers(self.layers, model.cfg.n_layers)
+                if wanted != [spec.layer]:
+                    short = f"Site({spec.alias!r}, layers={self.layers!r})" if spec.alias else \
+                        "a short name with layers="
+                    raise InputError(
+                        f"{self.hook!r} is one hook at layer {spec.layer}, but layers="
+                        f"{self.layers!r} asks for {wanted}; use {short} to vary the layer."
+                    )
+            return [(self.hook, spec.layer)]
+        raise unknown_hook_error(self.hook, list(aliases) + list(model.hook_dict))
 
     def resolve(self, model, grid: tuple[int, int] | None = None) -> list[ResolvedSite]:
-        """One `ResolvedSite` per hook point, selections checked against the model."""
+        """One `ResolvedSite` per hook point, selections checked against the hook's axes."""
         layout = model.layout if grid is None else model.layout_for(
             (grid[0] * model.cfg.patch_size[0], grid[1] * model.cfg.patch_size[1]))
         out = []
         for name, layer in self.hook_names(model):
-            last = name.rsplit(".", 1)[-1]
-            if last in PATTERN_HOOKS:
-                token_dim, head_dim = 2, 1
-            elif last in HEAD_HOOKS:
-                token_dim, head_dim = 1, 2
-            else:
-                token_dim, head_dim = 1, None
-            if name in ("hook_pooled", "hook_logits", "hook_pooled_dist"):
-                token_dim = -1
-            tokens = resolve_tokens(self.tokens, layout) if token_dim >= 0 else None
-            if token_dim < 0 and not (isinstance(self.tokens, str) and self.tokens == "all"):
-                raise InputError(f"Hook {name} has no token axis; use tokens='all'.")
-            heads = None
-            if self.heads is not None:
-                if head_dim is None:
-                    raise InputError(
-                        f"heads={self.heads!r} given for {name}, which has no head axis; per-head "
-                        f"hooks are {', '.join(h.removeprefix('hook_') for h in HEAD_HOOKS + PATTERN_HOOKS)}."
-                    )
-                heads = resolve_heads(self.heads, model.cfg.n_heads)
-            out.append(ResolvedSite(name, layer, tokens, heads, token_dim, head_dim))
+            spec = model.hook_spec(name)
+            check_axis_selection(spec, tokens=not _is_all(self.tokens),
+                                 heads=self.heads is not None,
+                                 features=self.features is not None)
+            tokens = None if spec.token_axis is None else resolve_tokens(self.tokens, layout)
+            heads = None if self.heads is None else resolve_heads(self.heads, model.cfg.n_heads)
+            feats = None if self.features is None else resolve_features(self.features)
+            out.append(ResolvedSite(name, layer, tokens, heads, spec, feats))
         return out
+
+    def is_per_layer(self, model) -> bool:
+        """True if the hook is one per block (so ``layers=`` selects among them)."""
+        by_layer = model.hook_aliases.get(self.hook)
+        if by_layer is not None:
+            return None not in by_layer
+        return False
+
+
+def _is_all(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and v == "all")
 
 
 def _short(v: Any) -> str:
@@ -194,6 +197,24 @@ def resolve_heads(heads: int | Sequence[int], n_heads: int) -> Tensor:
     return torch.tensor(sorted({h % n_heads for h in hs}), dtype=torch.long)
 
 
+def resolve_features(features: int | Sequence[int] | Tensor) -> Tensor:
+    """Feature selector -> sorted unique index tensor (checked against the activation's width
+    when the engine runs)."""
+    if isinstance(features, Tensor):
+        if features.is_floating_point() or features.dtype == torch.bool or features.ndim > 1:
+            raise InputError(f"features must be ints or a 1-D integer tensor, got dtype "
+                             f"{features.dtype} shape {tuple(features.shape)}.")
+        fs = features.tolist()
+    else:
+        fs = [features] if isinstance(features, int) else list(features)
+    if not fs:
+        raise InputError("The feature selection is empty; pass at least one feature index.")
+    for f in fs:
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise InputError(f"Feature indices are non-negative ints, got {f!r}.")
+    return torch.tensor(sorted(set(fs)), dtype=torch.long)
+
+
 def resolve_tokens(tokens: TokenSelector, layout) -> Tensor | None:
     """Token selector -> token index tensor (None = all tokens)."""
     n = layout.n_tokens
@@ -223,8 +244,22 @@ def resolve_tokens(tokens: TokenSelector, layout) -> Tensor | None:
         idx = [layout.token(*tokens)]
     elif isinstance(tokens, int) and not isinstance(tokens, bool):
         idx = [tokens]
-    elif isinstance(tokens, (list, range, Tensor)):
-        idx = [int(t) for t in tokens]
+    elif isinstance(tokens, Tensor):
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.ndim > 1:
+            raise InputError(
+                f"A token index tensor must be a 1-D integer tensor, got dtype {tokens.dtype} "
+                f"shape {tuple(tokens.shape)}; for a patch-grid mask pass a bool tensor "
+                f"[grid_h, grid_w] = {tuple(layout.grid)}."
+            )
+        idx = [int(t) for t in tokens.flatten()]
+    elif isinstance(tokens, (list, range)):
+        bad = [t for t in tokens if isinstance(t, bool) or not isinstance(t, int)]
+        if bad:
+            raise InputError(
+                f"Token indices must be ints, got {bad[0]!r} in {_short(tokens)}; for a patch "
+                "mask pass a bool tensor [grid_h, grid_w], for a patch a (row, col) tuple."
+            )
+        idx = list(tokens)
     else:
         raise InputError(f"Cannot read {tokens!r} as a token selector.")
     if len(idx) == 0:
@@ -233,13 +268,3 @@ def resolve_tokens(tokens: TokenSelector, layout) -> Tensor | None:
         if not -n <= t < n:
             raise InputError(f"Token {t} is out of range: the model has {n} tokens (0..{n - 1}).")
     return torch.tensor(sorted({t % n for t in idx}), dtype=torch.long)
-
-
-def options_for(hooks: Sequence[str]) -> dict[str, bool]:
-    """The `HookedViT.options` flags that make the opt-in hooks among ``hooks`` fire."""
-    flags = {}
-    if any(h.endswith("hook_result") for h in hooks):
-        flags["use_attn_result"] = True
-    if any(h.endswith(("hook_q_input", "hook_k_input", "hook_v_input")) for h in hooks):
-        flags["use_split_qkv_input"] = True
-    return flags

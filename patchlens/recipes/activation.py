@@ -5,32 +5,50 @@ to restore the behaviour; noising (corrupted into clean) tests whether it is nec
 (Heimersheim & Nanda 2024, "How to use and interpret activation patching"; Zhang & Nanda 2023).
 Attribution patching estimates every effect at once with a first-order Taylor expansion,
 ``(a_source - a_target) . dM/da`` at the target run (Nanda 2023; Syed et al. 2023).
+
+`activation_patching` is four steps: validate the arguments, plan the sweep's axes and
+variants, execute them (exact or attribution), and assemble the `PatchResult`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from patchlens.checks import all_finite
 from patchlens.errors import InputError
-from patchlens.metrics import Recovery, metric_name
-from patchlens.patching.engine import run_variants
+from patchlens.metrics import Recovery, base_metric, metric_name
+from patchlens.patching.engine import Variant, capture, capture_grads, run_variants
 from patchlens.patching.interventions import Interchange
 from patchlens.patching.recipe import Recipe
 from patchlens.patching.results import PatchResult
 from patchlens.patching.sites import (
+    ResolvedSite,
     Site,
-    options_for,
     resolve_heads,
     resolve_layers,
     resolve_tokens,
 )
-from patchlens.recipes.common import check_pair, metric_values
+from patchlens.recipes.common import baseline_metrics, check_choice, check_pair, check_reference
 
 Per = Literal["token", "head", "head_token", "layer", "region"]
+PERS = ("token", "head", "head_token", "layer", "region")
+AXIS_OF = {"layers": "layer", "tokens": "token", "heads": "head"}
+
+
+@dataclass
+class _Sweep:
+    """The planned sweep: which Site field varies along each axis, and the axes' labels."""
+
+    axes: dict[str, list]          # Site field -> values, in axis order
+    names: tuple[str, ...]         # result axis names
+    labels: dict[str, list]
+    coords: dict[str, list]
+    variants: list[Variant]
 
 
 def activation_patching(
@@ -58,7 +76,9 @@ def activation_patching(
         clean, corrupted: image batches ``[B, C, H, W]`` of the same shape (pairs).
         metric: ``logits [N, classes] -> [N]`` (see `patchlens.metrics`); wrap it in
             `patchlens.metrics.recovery` to report normalised recovery.
-        site: short hook name; default ``"resid_pre"`` (``"z"`` for per-head sweeps).
+        site: short hook name; default ``"resid_pre"`` (``"z"`` for per-head sweeps). A full
+            hook name (``"blocks.3.hook_resid_pre"``) is one hook: the layer axis has its one
+            layer.
         per: ``"token"`` (layer x token), ``"head"`` (layer x head, all selected tokens),
             ``"head_token"`` (layer x head x token), ``"layer"``, or ``"region"`` (layer x
             the given patch-grid ``regions``).
@@ -70,126 +90,147 @@ def activation_patching(
         diagnose: a fitted `patchlens.diagnostics.Reference` to attach a divergence report.
 
     Returns:
-        `PatchResult` with ``values [*axes]`` (mean over the pairs) and ``per_example``.
+        `PatchResult` with ``values [*axes]`` (mean over the pairs) and ``per_example``:
+        the patched metric (normalised recovery with a `recovery` metric); for
+        ``method="attribution"`` its first-order estimate.
     """
-    check_pair(model, clean, corrupted)
-    if direction not in ("denoising", "noising"):
-        raise InputError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
-    if method not in ("exact", "attribution"):
-        raise InputError(f"method must be 'exact' or 'attribution', got {method!r}.")
-    if per not in ("token", "head", "head_token", "layer", "region"):
-        raise InputError(f"per must be token, head, head_token, layer or region; got {per!r}.")
-    site = site or ("z" if per in ("head", "head_token") else "resid_pre")
+    site = _validate(model, clean, corrupted, site, per, direction, method, diagnose)
     target, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
-    layout = model.layout_for(tuple(clean.shape[-2:]))
-    n_layers = model.cfg.n_layers
+    m_clean, m_corrupted = baseline_metrics(model, clean, corrupted, metric)
+    sweep = _plan(model, site, per, layers, tokens, heads, regions, source, direction,
+                  model.layout_for(tuple(clean.shape[-2:])))
+    m_target = m_corrupted if direction == "denoising" else m_clean
+    collector = None
+    if method == "exact":
+        if diagnose is not None:  # reduced inside the sweep's own run
+            from patchlens.diagnostics.diagnose import sweep_collector
 
-    with torch.inference_mode():
-        m_clean = metric_values(metric, model(clean), clean.shape[0])
-        m_corrupted = metric_values(metric, model(corrupted), clean.shape[0])
+            collector = sweep_collector(model, target, sweep.variants, diagnose)
+        per_variant = run_variants(
+            model, target, sweep.variants, metric=base_metric(metric), batch_size=batch_size,
+            memory_budget=memory_budget, progress=progress,
+            observers=collector.observers if collector is not None else ()).outputs  # [V, B]
+    else:  # estimated patched metric = unpatched + first-order change
+        per_variant = m_target + attribution_estimates(model, target, source, metric,
+                                                       sweep.variants)
+    if isinstance(metric, Recovery):
+        per_variant = metric.normalise(per_variant, m_clean, m_corrupted)
+    result = _assemble(model, sweep, per_variant, target, m_clean, m_corrupted, m_target,
+                       meta={"site": site, "per": per, "direction": direction, "method": method,
+                             "metric": metric_name(metric)})
+    if diagnose is not None:
+        from patchlens.diagnostics.diagnose import diagnose_sweep
 
-    layer_list = resolve_layers(layers, n_layers)
-    axes: dict[str, list] = {"layers": layer_list}
-    labels: dict[str, list] = {"layer": [str(layer) for layer in layer_list]}
+        result.divergence = diagnose_sweep(model, target, sweep.variants, diagnose, result,
+                                           collector=collector)
+    return result
+
+
+# ---- steps --------------------------------------------------------------------------------------
+def _validate(model, clean, corrupted, site, per, direction, method, diagnose) -> str:
+    check_pair(model, clean, corrupted)
+    check_choice("direction", direction, ("denoising", "noising"))
+    check_choice("method", method, ("exact", "attribution"))
+    check_choice("per", per, PERS)
+    check_reference(diagnose)
+    if site is not None and not isinstance(site, str):
+        raise InputError(f"site must be a hook name (short or full), got {site!r}.")
+    return site or ("z" if per in ("head", "head_token") else "resid_pre")
+
+
+def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, direction,
+          layout) -> _Sweep:
+    """The sweep's axes (Site field -> values), labels and variants."""
+    axes: dict[str, list] = {}
+    labels: dict[str, list] = {}
     fixed: dict[str, Any] = {}
+    probe = Site(site)
+    if probe.is_per_layer(model):
+        layer_list = resolve_layers(layers, model.cfg.n_layers)
+        axes["layers"], labels["layer"] = layer_list, [str(layer) for layer in layer_list]
+    else:  # one hook (a full name, or a hook outside the blocks): a layer axis of one entry
+        ((name, layer),) = Site(site, layers=layers).hook_names(model)
+        axes["layers"] = [layers]
+        labels["layer"] = [str(layer) if layer is not None else name]
     if per in ("head", "head_token"):
-        head_list = resolve_heads(heads if heads is not None else list(range(model.cfg.n_heads)),
-                                  model.cfg.n_heads).tolist()
-        axes["heads"] = head_list
-        labels["head"] = [str(h) for h in head_list]
+        n_heads = model.cfg.n_heads
+        head_list = resolve_heads(heads if heads is not None else list(range(n_heads)),
+                                  n_heads).tolist()
+        axes["heads"], labels["head"] = head_list, [str(h) for h in head_list]
     elif heads is not None:
         fixed["heads"] = heads
     if per in ("token", "head_token"):
         tok = resolve_tokens(tokens, layout)
         tok_list = list(range(layout.n_tokens)) if tok is None else tok.tolist()
-        axes["tokens"] = tok_list
-        labels["token"] = [layout.label(t) for t in tok_list]
+        axes["tokens"], labels["token"] = tok_list, [layout.label(t) for t in tok_list]
     elif per == "region":
         if not regions:
-            raise InputError("per='region' needs regions=: a dict name -> boolean patch-grid mask.")
-        named = regions if isinstance(regions, dict) else {f"region{i}": r for i, r in enumerate(regions)}
-        axes["tokens"] = list(named.values())
-        labels["region"] = list(named)
+            raise InputError("per='region' needs regions=: a dict name -> boolean patch-grid "
+                             "mask (or a list of masks).")
+        named = regions if isinstance(regions, dict) else {f"region{i}": r
+                                                          for i, r in enumerate(regions)}
+        axes["tokens"], labels["region"] = list(named.values()), list(named)
     else:
         fixed["tokens"] = tokens
-
-    base = Site(site, **fixed)
-    recipe = Recipe([(base, Interchange(source, "clean" if direction == "denoising" else "corrupted"))],
+    source_name = "clean" if direction == "denoising" else "corrupted"
+    recipe = Recipe([(Site(site, **fixed), Interchange(source, source_name))],
                     f"activation patching ({direction})")
     variants = recipe.variants(**axes)
-    # every variant has one pair; fix the site fields that do not vary
-    collector = None
-    if diagnose is not None and method == "exact":  # reduced inside the sweep's own run
-        from patchlens.diagnostics.diagnose import sweep_collector
+    names = tuple("region" if (k == "tokens" and per == "region") else AXIS_OF[k] for k in axes)
+    coords = {n: (list(range(len(v))) if n == "region" else list(v))
+              for n, v in zip(names, axes.values())}
+    return _Sweep(axes, names, {n: labels[n] for n in names}, coords, variants)
 
-        collector = sweep_collector(model, target, variants, diagnose)
-    if method == "exact":
-        res = run_variants(model, target, variants, metric=metric, batch_size=batch_size,
-                           memory_budget=memory_budget, progress=progress,
-                           observers=collector.observers if collector is not None else ())
-        per_variant = res.outputs  # [V, B]
-    else:
-        per_variant = None
-    m_target = m_corrupted if direction == "denoising" else m_clean
-    if method == "attribution":  # estimated patched metric = unpatched + first-order change
-        per_variant = m_target + _attribution(model, target, source, metric, variants)
-    if isinstance(metric, Recovery):
-        per_variant = metric.normalise(per_variant, m_clean, m_corrupted)
 
-    names = tuple("region" if (k == "tokens" and per == "region") else
-                  {"layers": "layer", "tokens": "token", "heads": "head"}[k] for k in axes)
-    shape = [len(v) for v in axes.values()]
+def _assemble(model, sweep: _Sweep, per_variant: Tensor, target, m_clean, m_corrupted, m_target,
+              meta: dict) -> PatchResult:
+    shape = [len(v) for v in sweep.axes.values()]
     per_example = per_variant.reshape(*shape, target.shape[0]).detach()
-    coords = {n: (list(range(len(v))) if n == "region" else list(v)) for n, v in zip(names, axes.values())}
-    result = PatchResult(
-        per_example.mean(-1), names, {n: labels[n] for n in names}, per_example=per_example,
-        clean=m_clean, corrupted=m_corrupted, coords=coords, layout=layout,
-        image=model.to_image(target[0]),
-        meta={"recipe": "activation patching", "site": site, "per": per, "direction": direction,
-              "method": method, "metric": metric_name(metric), "baseline": m_target.mean().item()},
+    return PatchResult(
+        per_example.mean(-1), sweep.names, sweep.labels, per_example=per_example,
+        clean=m_clean, corrupted=m_corrupted, coords=sweep.coords,
+        layout=model.layout_for(tuple(target.shape[-2:])), image=model.to_image(target[0]),
+        meta={"recipe": "activation patching", **meta, "baseline": m_target.mean().item()},
     )
-    if diagnose is not None:
-        from patchlens.diagnostics.diagnose import diagnose_sweep
-
-        result.divergence = diagnose_sweep(model, target, variants, diagnose, result,
-                                           collector=collector)
-    return result
 
 
-def _attribution(model, target: Tensor, source: Tensor, metric, variants) -> Tensor:
-    """First-order estimates ``sum((a_source - a_target) * dM/da)`` over each variant's selection,
-    ``[V, B]``, from one forward+backward on the target and one cached source run."""
-    grid = (target.shape[-2] // model.cfg.patch_size[0], target.shape[-1] // model.cfg.patch_size[1])
-    resolved = [v.pairs[0][0].resolve(model, grid) for v in variants]
+# ---- attribution patching -----------------------------------------------------------------------
+def attribution_estimates(model, target: Tensor, source: Tensor, metric,
+                          variants: Sequence[Variant]) -> Tensor:
+    """First-order estimates ``sum((a_source - a_target) * dM/da)`` over each variant's
+    selection, ``[V, B]``: the engine captures the source activations in one run and the
+    target's activations and gradients in one forward and backward pass."""
+    grid = (target.shape[-2] // model.cfg.patch_size[0],
+            target.shape[-1] // model.cfg.patch_size[1])
+    resolved = [[rs for site, _ in v.pairs for rs in site.resolve(model, grid)]
+                for v in variants]
     hooks = sorted({rs.hook for rss in resolved for rs in rss})
-    flags = options_for(hooks)
-    acts: dict[str, Tensor] = {}
-
-    def keep(act, hook):
-        act.retain_grad()
-        acts[hook.name] = act
-        return act
-
-    with model.options(**flags):
-        with torch.inference_mode():
-            _, src_cache = model.run_with_cache(source, names_filter=hooks, return_type=None)
-        with torch.enable_grad():
-            x = target.detach().clone().requires_grad_(True)
-            logits = model.run_with_hooks(x, fwd_hooks=[(h, keep) for h in hooks])
-            metric(logits).sum().backward()
+    src = capture(model, source, hooks)
+    tgt = capture_grads(model, target, hooks, base_metric(metric))
     contrib = {}
     for h in hooks:
-        prod = ((src_cache[h] - acts[h].detach()) * acts[h].grad).sum(-1)
-        if h.endswith(("hook_pattern", "hook_attn_scores")):
-            prod = prod.transpose(1, 2)  # [B, query, head]
-        contrib[h] = prod if prod.ndim == 3 else prod[..., None]  # [B, pos, head-or-1]
-    out = torch.zeros(len(variants), target.shape[0], dtype=target.dtype)
+        prod = (src.acts[h] - tgt.acts[h]) * tgt.grads[h]
+        if not all_finite(prod):
+            raise InputError(
+                f"Attribution patching got a non-finite gradient or activation at {h}; the "
+                "first-order estimate is undefined there. Use method='exact'."
+            )
+        contrib[h] = prod
+    out = torch.zeros(len(variants), target.shape[0], dtype=tgt.values.dtype,
+                      device=tgt.values.device)
     for i, rss in enumerate(resolved):
         for rs in rss:
-            c = contrib[rs.hook]
-            if rs.tokens is not None:
-                c = c[:, rs.tokens]
-            if rs.heads is not None:
-                c = c[:, :, rs.heads]
-            out[i] += c.sum((1, 2)).to(out.dtype)
+            out[i] += selection_sum(contrib[rs.hook], rs).to(out.dtype)
     return out
+
+
+def selection_sum(values: Tensor, rs: ResolvedSite) -> Tensor:
+    """``values`` (one per activation element, ``[B, ...]`` in the hook's axes) summed over a
+    site's selection: the selected tokens, heads and features, every other axis but the batch;
+    ``[B]``."""
+    v = values
+    for axis, idx in ((rs.spec.token_axis, rs.tokens), (rs.spec.head_axis, rs.heads),
+                      (rs.spec.feature_axis, rs.features)):
+        if axis is not None and idx is not None:
+            v = v.index_select(axis, idx.to(v.device))
+    return v.reshape(v.shape[0], -1).sum(1)

@@ -21,11 +21,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from patchlens import metrics as M
-from patchlens.attribution.maps import AttributionMap, resolve_target
 from patchlens.errors import InputError
-from patchlens.patching.engine import Variant, run_variants
+from patchlens.model.preprocess import blur, from_pixels
+from patchlens.patching.attribution_map import AttributionMap, map_dtype, resolve_target
+from patchlens.patching.engine import Variant, capture, run_variants
 from patchlens.patching.interventions import Mean, Stored
-from patchlens.patching.sites import PATTERN_HOOKS, SHORT_NAMES, Rect, Site, options_for
+from patchlens.patching.sites import Rect, Site
 
 CONTEXTS = ("blur", "mean", "zeros", "noise", "mean_activation")
 SCORES = ("logit", "probability", "log_probability", "logit_diff")
@@ -93,7 +94,7 @@ def caap(
     b = x.shape[0]
     n = model.cfg.n_layers
     start, end = _check_layers(layers, n)
-    _check_site(site)
+    _check_site(model, site)
     if score not in SCORES:
         raise InputError(f"score must be one of {', '.join(SCORES)}; got {score!r}.")
     layout = model.layout_for(tuple(x.shape[-2:]))
@@ -102,18 +103,16 @@ def caap(
 
     ctx, pre = _context(model, x, context, blur_kernel, blur_sigma, reference, seed, start)
     hooks = [name for name, _ in Site(site, layers=range(start, end)).hook_names(model)]
-    with torch.inference_mode(), model.options(**options_for(hooks)):
-        # one batched run gives the image's logits and source activations and, for an image
-        # context, the context's logits (no separate reference pass in the engine)
-        both = x if pre else torch.cat([x, ctx])
-        all_logits, cache = model.run_with_cache(both, names_filter=hooks)
-    logits, ctx_logits = all_logits[:b], all_logits[b:]
+    # one batched engine run gives the image's logits and source activations and, for an image
+    # context, the context's logits (no separate reference pass)
+    run = capture(model, x if pre else torch.cat([x, ctx]), hooks)
+    logits, ctx_logits = run.output[:b], run.output[b:]
     tgt = resolve_target(model, x, target, logits)
     metric = _score_fn(score, tgt, second_class, logits, model.cfg.n_classes)
 
     blocks = [(r0, min(r0 + group, gh), c0, min(c0 + group, gw))
               for r0 in range(0, gh, group) for c0 in range(0, gw, group)]
-    source = Stored({h: cache[h][:b] for h in hooks}, "image")
+    source = Stored({h: run.acts[h][:b] for h in hooks}, "image")
     variants = [
         Variant(pre + [(Site(site, layers=range(start, end), tokens=Rect(*blk)), source)],
                 label=blk)
@@ -123,15 +122,16 @@ def caap(
         variants.append(Variant(list(pre), label="context"))
     res = run_variants(model, ctx, variants, metric=metric, batch_size=batch_size,
                        memory_budget=memory_budget, progress=progress)
-    out = res.outputs.float().cpu()
+    dtype = map_dtype(x.dtype)
+    out = res.outputs.to(dtype).cpu()
     if pre:
         base, out = out[-1], out[:-1]
     else:
-        base = metric(ctx_logits).float().cpu()
-    values = torch.zeros(b, gh, gw)
+        base = metric(ctx_logits).to(dtype).cpu()
+    values = torch.zeros(b, gh, gw, dtype=dtype)
     for (r0, r1, c0, c1), v in zip(blocks, out - base):
         values[:, r0:r1, c0:c1] = v.view(b, 1, 1)
-    full = metric(logits).float().cpu()
+    full = metric(logits).to(dtype).cpu()
     meta = {"layers": (start, end), "context": context if isinstance(context, str) else "image",
             "site": site, "score": score, "group": group, "context_score": base,
             "image_score": full}
@@ -156,8 +156,12 @@ def _check_layers(layers, n: int) -> tuple[int, int]:
     return start, end
 
 
-def _check_site(site: str) -> None:
-    ok = [k for k, t in SHORT_NAMES.items() if "{l}" in t and not t.endswith(PATTERN_HOOKS)]
+def _check_site(model, site: str) -> None:
+    """CAAP patches a per-layer hook with a token axis (not attention scores / patterns)."""
+    ok = [alias for alias, by_layer in model.hook_aliases.items()
+          if None not in by_layer and all(
+              (s := model.hook_spec(h)).token_axis is not None and not s.has_key_axis
+              for h in by_layer.values())]
     if site not in ok:
         raise InputError(f"CAAP patches a per-layer, per-token site; site must be one of "
                          f"{', '.join(ok)}; got {site!r}.")
@@ -193,43 +197,17 @@ def _score_fn(score: str, tgt: Tensor, second_class, logits: Tensor, n_classes: 
             masked[torch.arange(len(tgt)), tgt] = -float("inf")
             other = masked.argmax(-1)
         else:
-            other = resolve_target_like(second_class, len(tgt), n_classes, "second_class")
+            other = M.resolve_classes(second_class, len(tgt), n_classes, "second_class")
+            if bool((other == tgt).any()):
+                same = torch.nonzero(other == tgt).flatten().tolist()
+                raise InputError(
+                    f"second_class equals the target class for image(s) {same[:8]}; logit_diff "
+                    "would be 0 everywhere (an all-zero map). Pick another class, or leave "
+                    "second_class=None for each image's runner-up."
+                )
     elif second_class is not None:
         raise InputError(f"second_class is only used with score='logit_diff', not {score!r}.")
     return _Score(score, tgt, other)
-
-
-def resolve_target_like(c, b: int, n_classes: int, name: str) -> Tensor:
-    t = torch.as_tensor(c)
-    if t.is_floating_point():
-        raise InputError(f"{name} must be integer classes, got dtype {t.dtype}.")
-    t = t.long().flatten()
-    t = t.expand(b).clone() if t.numel() == 1 else t
-    if t.shape[0] != b:
-        raise InputError(f"Got {t.shape[0]} {name} values for {b} images.")
-    if (t < 0).any() or (t >= n_classes).any():
-        raise InputError(f"{name} out of range for {n_classes} classes: {t.unique().tolist()}.")
-    return t
-
-
-def blur(model, x: Tensor, kernel: int = 11, sigma: float = 5.0) -> Tensor:
-    """Gaussian blur of normalised images in pixel space, returned normalised ``[B, C, H, W]``."""
-    from torchvision.transforms.functional import gaussian_blur
-
-    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
-        raise InputError(f"blur_kernel must be a positive odd int, got {kernel!r}.")
-    if not sigma > 0:
-        raise InputError(f"blur_sigma must be > 0, got {sigma!r}.")
-    mean, std = _mean_std(model, x)
-    pixels = x * std + mean
-    return (gaussian_blur(pixels, [kernel, kernel], [float(sigma)] * 2) - mean) / std
-
-
-def _mean_std(model, x: Tensor) -> tuple[Tensor, Tensor]:
-    c = x.shape[1]
-    mean = torch.as_tensor(model.cfg.data_mean, dtype=x.dtype, device=x.device)
-    std = torch.as_tensor(model.cfg.data_std, dtype=x.dtype, device=x.device)
-    return mean.expand(c).view(1, c, 1, 1), std.expand(c).view(1, c, 1, 1)
 
 
 def _context(model, x, context, kernel, sigma, reference, seed, start) -> tuple[Tensor, list]:
@@ -248,12 +226,11 @@ def _context(model, x, context, kernel, sigma, reference, seed, start) -> tuple[
     if reference is not None and context != "mean_activation":
         raise InputError("reference= is only used with context='mean_activation'.")
     if context == "blur":
-        return blur(model, x, kernel, sigma), []
+        return blur(model.cfg, x, kernel, sigma), []
     if context == "mean":
         return torch.zeros_like(x), []
     if context == "zeros":
-        mean, std = _mean_std(model, x)
-        return ((0 - mean) / std).expand_as(x).contiguous(), []
+        return from_pixels(model.cfg, torch.zeros_like(x)), []
     if context == "noise":
         g = torch.Generator().manual_seed(seed)
         return torch.randn(x.shape, generator=g).to(x.device, x.dtype), []

@@ -19,12 +19,12 @@ import torch
 from torch import Tensor
 
 from patchlens.errors import InputError
-from patchlens.metrics import Recovery, metric_name
+from patchlens.metrics import Recovery, base_metric, metric_name, recovery_denominator
 from patchlens.patching.engine import Variant, run_variants
 from patchlens.patching.interventions import Interchange, PerVariant
 from patchlens.patching.results import PatchResult
 from patchlens.patching.sites import Site
-from patchlens.recipes.common import check_pair, metric_values
+from patchlens.recipes.common import baseline_metrics, check_choice, check_pair, check_reference
 
 SENDER_KINDS = ("z", "attn_out", "mlp_out", "embed")
 RECEIVER_KINDS = ("q", "k", "v", "mlp_in", "resid_final")
@@ -46,6 +46,9 @@ class Node:
         if self.kind not in SENDER_KINDS + RECEIVER_KINDS:
             raise InputError(f"Unknown node kind {self.kind!r}; senders are {SENDER_KINDS}, "
                              f"receivers are {RECEIVER_KINDS}.")
+        for what, v in (("layer", self.layer), ("head", self.head)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise InputError(f"Node({self.kind!r}) {what} must be an int, got {v!r}.")
         needs_layer = self.kind not in ("embed", "resid_final")
         if needs_layer and self.layer is None:
             raise InputError(f"Node({self.kind!r}) needs a layer.")
@@ -138,59 +141,18 @@ def path_patching(
     Returns:
         `PatchResult` of effects ``m_patched - m_unpatched`` (the run's own baseline).
     """
-    check_pair(model, clean, corrupted)
-    senders = [senders] if isinstance(senders, Node) else list(senders)
-    receivers = [receivers] if isinstance(receivers, Node) else list(receivers)
-    if not senders or not receivers:
-        raise InputError("path_patching needs at least one sender and one receiver.")
-    for node in senders:
-        if node.kind not in SENDER_KINDS:
-            raise InputError(f"{node} cannot be a sender; senders are {SENDER_KINDS}.")
-    for node in receivers:
-        if node.kind not in RECEIVER_KINDS:
-            raise InputError(f"{node} cannot be a receiver; receivers are {RECEIVER_KINDS}.")
-    if mlps not in ("frozen", "recompute") or combine not in ("joint", "separate") or \
-            direction not in ("noising", "denoising"):
-        raise InputError("mlps must be frozen|recompute, combine joint|separate, direction "
-                         "noising|denoising.")
+    senders, receivers = _validate(model, clean, corrupted, senders, receivers, direction, mlps,
+                                   combine, diagnose)
     target, other = (clean, corrupted) if direction == "noising" else (corrupted, clean)
-    n = model.cfg.n_layers
-    with torch.inference_mode():
-        m_clean = metric_values(metric, model(clean), clean.shape[0])
-        m_corrupted = metric_values(metric, model(corrupted), clean.shape[0])
+    m_clean, m_corrupted = baseline_metrics(model, clean, corrupted, metric)
     m_base = m_clean if direction == "noising" else m_corrupted
-    freeze_target = Interchange(target, "frozen")
-    from_other = Interchange(other, "corrupted" if direction == "noising" else "clean")
     groups = [receivers] if combine == "joint" else [[r] for r in receivers]
-    receiver_sites = [[r.site(model) for r in g] for g in groups]
-    capture = sorted({rs.hook for g in receiver_sites for s in g for rs in s.resolve(model)})
-
-    # step 2: one variant per sender, receivers' inputs captured
-    step2 = []
-    for s in senders:
-        first = 0 if s.kind == "embed" else s.layer
-        pairs = [(Site("z", layers=range(first, n)), freeze_target)]
-        if mlps == "frozen":
-            pairs.append((Site("mlp_out", layers=range(first, n)), freeze_target))
-        pairs.append((s.site(model), from_other))
-        step2.append(Variant(pairs, str(s)))
-    res2 = run_variants(model, target, step2, capture=capture, batch_size=batch_size,
-                        memory_budget=memory_budget, progress=progress)
-
-    # step 3: one variant per (sender, receiver group), receivers patched to the captured inputs
-    effects = torch.zeros(len(senders), len(groups), target.shape[0], dtype=m_base.dtype)
-    for gi, (group, sites) in enumerate(zip(groups, receiver_sites)):
-        live = [i for i, s in enumerate(senders) if any(r.order > s.order for r in group)]
-        if not live:
-            continue
-        replay = PerVariant({h: v[live] for h, v in res2.captured.items()})
-        step3 = [Variant([(site, replay) for site in sites], str(senders[i])) for i in live]
-        res3 = run_variants(model, target, step3, metric=metric, batch_size=batch_size,
-                            memory_budget=memory_budget, progress=progress)
-        effects[live, gi] = res3.outputs.to(effects.dtype) - m_base
-    if isinstance(metric, Recovery) or normalize:
-        effects = effects / _denominator(m_clean, m_corrupted)
-
+    engine = dict(batch_size=batch_size, memory_budget=memory_budget, progress=progress)
+    step2 = _sender_variants(model, senders, target, other, direction, mlps)
+    effects = _receiver_effects(model, senders, groups, step2, target, metric, m_base, engine)
+    normalized = isinstance(metric, Recovery) or normalize
+    if normalized:
+        effects = effects / recovery_denominator(m_clean, m_corrupted)
     axes, labels, coords, per_example = _sender_axes(model, senders, groups, effects)
     result = PatchResult(
         per_example.mean(-1), axes, labels, per_example=per_example, clean=m_clean,
@@ -198,7 +160,7 @@ def path_patching(
         image=model.to_image(target[0]),
         meta={"recipe": "path patching", "direction": direction, "mlps": mlps,
               "receivers": ", ".join(str(r) for r in receivers), "metric": metric_name(metric),
-              "normalized": bool(normalize or isinstance(metric, Recovery))},
+              "normalized": bool(normalized)},
     )
     if diagnose is not None:
         from patchlens.diagnostics.diagnose import diagnose_sweep
@@ -207,12 +169,61 @@ def path_patching(
     return result
 
 
-def _denominator(m_clean: Tensor, m_corrupted: Tensor) -> Tensor:
-    d = m_clean - m_corrupted
-    if (d.abs() < 1e-12).any():
-        raise InputError("Cannot normalise: the clean and corrupted metric values are equal for "
-                         "some example.")
-    return d
+def _validate(model, clean, corrupted, senders, receivers, direction, mlps, combine, diagnose):
+    check_pair(model, clean, corrupted)
+    senders = [senders] if isinstance(senders, Node) else list(senders)
+    receivers = [receivers] if isinstance(receivers, Node) else list(receivers)
+    if not senders or not receivers:
+        raise InputError("path_patching needs at least one sender and one receiver.")
+    for node in senders + receivers:
+        if not isinstance(node, Node):
+            raise InputError(f"Senders and receivers are Node objects, got {node!r}.")
+    for node in senders:
+        if node.kind not in SENDER_KINDS:
+            raise InputError(f"{node} cannot be a sender; senders are {SENDER_KINDS}.")
+    for node in receivers:
+        if node.kind not in RECEIVER_KINDS:
+            raise InputError(f"{node} cannot be a receiver; receivers are {RECEIVER_KINDS}.")
+    check_choice("direction", direction, ("noising", "denoising"))
+    check_choice("mlps", mlps, ("frozen", "recompute"))
+    check_choice("combine", combine, ("joint", "separate"))
+    check_reference(diagnose)
+    return senders, receivers
+
+
+def _sender_variants(model, senders, target, other, direction, mlps) -> list[Variant]:
+    """Step 2: one variant per sender; every head (and MLP, if frozen) downstream of it frozen
+    to the target run, the sender taking the other run's value."""
+    n = model.cfg.n_layers
+    freeze_target = Interchange(target, "frozen")
+    from_other = Interchange(other, "corrupted" if direction == "noising" else "clean")
+    step2 = []
+    for s in senders:
+        first = 0 if s.kind == "embed" else s.layer
+        pairs = [(Site("z", layers=range(first, n)), freeze_target)]
+        if mlps == "frozen":
+            pairs.append((Site("mlp_out", layers=range(first, n)), freeze_target))
+        pairs.append((s.site(model), from_other))
+        step2.append(Variant(pairs, str(s)))
+    return step2
+
+
+def _receiver_effects(model, senders, groups, step2, target, metric, m_base, engine) -> Tensor:
+    """Steps 2 and 3: run the sender variants capturing the receivers' inputs, then replay
+    those inputs into the target run, per receiver group; effects ``[S, G, B]``."""
+    receiver_sites = [[r.site(model) for r in g] for g in groups]
+    capture = sorted({rs.hook for g in receiver_sites for s in g for rs in s.resolve(model)})
+    res2 = run_variants(model, target, step2, capture=capture, **engine)
+    effects = torch.zeros(len(senders), len(groups), target.shape[0], dtype=m_base.dtype)
+    for gi, (group, sites) in enumerate(zip(groups, receiver_sites)):
+        live = [i for i, s in enumerate(senders) if any(r.order > s.order for r in group)]
+        if not live:
+            continue
+        replay = PerVariant({h: v[live] for h, v in res2.captured.items()})
+        step3 = [Variant([(site, replay) for site in sites], str(senders[i])) for i in live]
+        res3 = run_variants(model, target, step3, metric=base_metric(metric), **engine)
+        effects[live, gi] = res3.outputs.to(effects.dtype) - m_base
+    return effects
 
 
 def _sender_axes(model, senders, groups, effects):

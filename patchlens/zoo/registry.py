@@ -143,3 +143,14 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
     if path is None:
         raise _unknown(str(name))
     return load_from(path, device=device, dtype=dtype)
+
+
+def _register() -> None:
+    """Make `HookedViT.from_pretrained` find zoo names (``name`` or ``zoo:name``)."""
+    from patchlens.model.sources import ModelSource, register_source
+
+    register_source(ModelSource("zoo", is_zoo_name, lambda cls, name, **kw: load(name, **kw),
+                                names))
+
+
+_register()

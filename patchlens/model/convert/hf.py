@@ -37,8 +37,16 @@ import torch
 from torch import Tensor, nn
 
 from patchlens.errors import UnknownModelError, UnsupportedModelError
-from patchlens.model.config import ViTConfig
-from patchlens.model.convert.common import layer_norm_keys, load_strict, rename
+from patchlens.model.config import ViTConfig, as_pair
+from patchlens.model.convert.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    layer_norm_keys,
+    load_strict,
+    rename,
+)
 
 # architecture -> (family, head kind); head kinds: None, classifier, teacher, projection
 ARCHITECTURES: dict[str, tuple[str, str | None]] = {
@@ -91,8 +99,8 @@ _ACTS = {
     "gelu_new": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
     "relu": "relu", "silu": "silu", "swish": "silu",
 }
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+OPENAI_CLIP = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # family -> (mean/std, resize, interpolation, crop_pct): usual processor defaults (best effort)
 _DATA = {
@@ -108,13 +116,6 @@ _DROP = re.compile(
     r"(text_model\..*|text_projection\..*|logit_scale|logit_bias|pooler\..*"
     r"|embeddings\.mask_token|embeddings\.position_ids)"
 )
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
 
 
 def _resolve(obj: Any, architecture: str | None = None) -> tuple[Any, str, str, str | None]:
@@ -169,7 +170,7 @@ def hf_config(obj: Any, architecture: str | None = None, source: str = "") -> Vi
         )
     d, n_heads = config.hidden_size, config.num_attention_heads
     d_head = getattr(config, "head_dim", None) or d // n_heads
-    image, patch = _pair(config.image_size), _pair(config.patch_size)
+    image, patch = as_pair(config.image_size), as_pair(config.patch_size)
     dinov2 = family.startswith("dinov2")
     if dinov2:
         d_mlp = int(d * config.mlp_ratio)

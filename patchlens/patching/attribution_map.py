@@ -10,6 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from patchlens.errors import InputError
+from patchlens.metrics import resolve_classes
 
 
 @dataclass
@@ -151,9 +152,16 @@ def as_values(maps) -> Tensor:
     return v
 
 
-def resolve_target(model, x: Tensor, target, logits: Tensor | None = None) -> Tensor:
-    """``target`` (None = the predicted class, an int, or one class per image) -> ``[batch]``."""
-    b = x.shape[0]
+def map_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attribution values are returned in: the model's (float32 / float64), float32
+    for half-precision models (sums over patches lose too much in 16 bits)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def resolve_target(model, x: Tensor, target, logits: Tensor | None = None,
+                   name: str = "target") -> Tensor:
+    """``target`` (None = the predicted class, an int, or one class per image) -> ``[batch]``
+    (on the CPU)."""
     n_classes = model.cfg.n_classes
     if not n_classes:
         raise InputError("Attribution needs a classifier head; this model is headless.")
@@ -162,14 +170,4 @@ def resolve_target(model, x: Tensor, target, logits: Tensor | None = None) -> Te
             with torch.inference_mode():
                 logits = model(x)
         return logits.argmax(-1).cpu()
-    t = torch.as_tensor(target)
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise InputError(f"target must be an int or integer classes [batch], got dtype {t.dtype}.")
-    t = t.long().flatten().cpu()
-    if t.numel() == 1:
-        t = t.expand(b).clone()
-    if t.shape[0] != b:
-        raise InputError(f"Got {t.shape[0]} target classes for {b} images; pass one per image.")
-    if (t < 0).any() or (t >= n_classes).any():
-        raise InputError(f"Target class out of range for {n_classes} classes: {t.unique().tolist()}.")
-    return t
+    return resolve_classes(target, x.shape[0], n_classes, name)
