@@ -43,12 +43,12 @@ def natural():
 def test_conformal_false_alarm_rate_is_alpha():
     """Natural vectors from the same distribution are outliers (p <= alpha) at rate ~alpha,
     with the natural set split by image (three vectors per image)."""
-    nat = gaussian(3000, seed=3)
-    s = NaturalScorer(nat, groups=torch.arange(3000) // 3)
-    assert s.n_fit + s.n_cal == 3000 and abs(s.n_fit - s.n_cal) <= 3
-    p = s.pvalues(gaussian(20000, seed=4))
+    nat = gaussian(2000, seed=3)
+    s = NaturalScorer(nat, groups=torch.arange(2000) // 3)
+    assert s.n_fit + s.n_cal == 2000 and abs(s.n_fit - s.n_cal) <= 3
+    p = s.pvalues(gaussian(8000, seed=4))  # binomial sd of the rates: 0.0011 and 0.0024
     assert 0.006 < float((p <= 0.01).float().mean()) < 0.014
-    assert 0.04 < float((p <= 0.05).float().mean()) < 0.06
+    assert 0.042 < float((p <= 0.05).float().mean()) < 0.058
     # zero and x10 are beyond every natural vector: the smallest p-value there is
     assert torch.allclose(s.pvalues(torch.zeros(2, 16)), torch.full((2,), 1 / (s.n_cal + 1)))
     assert torch.allclose(s.pvalues(10 * nat[:2]), torch.full((2,), 1 / (s.n_cal + 1)))
@@ -390,9 +390,9 @@ def test_zoo_held_out_images_sinkhorn_and_zscore(zoo):
     nat, groups = ref.natural(hook, "patches"), ref.images_of(hook, "patches")
     by_image = ot_divergence(held, nat, groups=groups, max_samples=800)
     assert 0.8 < by_image.ratio < 1.3
-    out = assess(held[:600], nat, groups=groups)
+    out = assess(held[:300], nat, groups=groups)
     assert out["verdict"] == "natural", out["evidence"]
-    shifted = held[:600] + 2 * nat.std(0)
+    shifted = held[:300] + 2 * nat.std(0)
     natural_z = ot_divergence(shifted, nat, groups=groups, max_samples=800).ratio
     self_z = ot_divergence(shifted, nat, groups=groups, max_samples=800, zscore="self").ratio
     assert natural_z > 3 and self_z < 1.5

@@ -248,12 +248,18 @@ class Reference:
                 "neuron_counts": ncount}
         ref = cls(samples, stats, neurons, meta, groups)
         if scorers:
-            for h, d in samples.items():
-                for c in d:
-                    try:
-                        ref.scorer(h, c)
-                    except InputError:  # too few vectors: the verdict says so when asked
-                        pass
+            from threadpoolctl import threadpool_limits
+
+            from patchlens.diagnostics.measures import few_threads
+
+            # many small matrices: thread pools (torch's and BLAS's) cost more than they give
+            with few_threads(1), threadpool_limits(1):
+                for h, d in samples.items():
+                    for c in d:
+                        try:
+                            ref.scorer(h, c)
+                        except InputError:  # too few vectors: the verdict says so when asked
+                            pass
         return ref
 
     # ---- access ---------------------------------------------------------------------------
