@@ -28,7 +28,7 @@ BENCHMARKS = {
     "caap": "cost of one CAAP map of a 224 px image",
     "attribution": "every attribution method's localisation and faithfulness on clutter-digits",
     "diagnostics": "cost of divergence diagnostics against a plain sweep",
-    "dormant_calibration": "calibration of the dormant-neuron margin on the zoo model",
+    "divergence_calibration": "false-alarm and detection rates of the divergence verdict on the zoo models",
     "scale": "`patchlens run` throughput on 2 processes against 1",
 }
 

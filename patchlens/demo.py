@@ -132,7 +132,7 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
 
         # 5. divergence of the interventions
         step(5)
-        div = _divergence_section(model, clean, corrupted, metric, report, seed)
+        div = _divergence_section(model, model_name, clean, corrupted, metric, report, seed)
         if div:
             summary["divergence"] = div
 
@@ -192,31 +192,68 @@ def _attribution_section(model, clean, pred, clean_img, report) -> list[dict]:
     return rows
 
 
-def _divergence_section(model, clean, corrupted, metric, report, seed) -> str | None:
+def _divergence_section(model, model_name, clean, corrupted, metric, report,
+                        seed) -> str | None:
     import patchlens as pl
-    from patchlens.diagnostics import Reference
+    from patchlens.diagnostics import RECOMMENDED_IMAGES, Reference, diagnose
+    from patchlens.patching import Interchange, Scale, Site, Variant, Zero
 
-    natural = _natural_images(model, seed)
+    natural = _natural_images(model, model_name, seed)
     if natural is None:
         report.heading("Divergence of the interventions")
         report.text("Skipped: the divergence reference needs natural images from the model's "
                     "training distribution; use patchlens.diagnostics.Reference.fit with your own.")
         return None
-    ref = Reference.fit(model, natural, ["resid_pre"], max_samples=3000, progress=False)
+    ref = Reference.fit(model, natural, ["resid_pre"], progress=False)
     res = pl.activation_patching(model, clean, corrupted, metric, site="resid_pre", per="layer",
                                  diagnose=ref, progress=False)
     report.heading("Divergence of the interventions")
+    report.text(f"Reference: {RECOMMENDED_IMAGES} natural training images. A patched vector is "
+                "an outlier when at most 1% of natural vectors (of other images) are as unusual; "
+                "a site is divergent when more than half of its patched vectors are.")
     report.text(res.divergence.summary())
     report.figure(res.divergence.plot())
-    report.table(res.divergence.to_pandas())
+    report.table(res.divergence.to_pandas()[["label", "hook", "class", "n", "outlier_rate",
+                                             "n_dormant", "verdict", "evidence"]])
+    # controls whose answer is known (the calibration cases of docs/divergence.md)
+    mid = model.cfg.n_layers // 2
+    controls = [("patch all of layer 0 from clean: the clean run itself", "natural",
+                 Site("resid_pre", layers=0), Interchange(clean, "clean")),
+                ("self-patch of every token", "natural",
+                 Site("resid_pre", layers=mid), Interchange(corrupted, "self")),
+                ("zero ablation of the patch tokens", "divergent",
+                 Site("resid_pre", layers=mid, tokens="patches"), Zero()),
+                ("patch tokens scaled x10", "divergent",
+                 Site("resid_pre", layers=mid, tokens="patches"), Scale(10.0))]
+    rep = diagnose(model, corrupted, [Variant([(s, iv)], name) for name, _, s, iv in controls],
+                   ref)
+    verdicts = rep.variant_verdicts()
+    report.table([{"control": name, "expected": want, "verdict": v,
+                   "evidence": next(r["evidence"] for r in rep.rows if r["variant"] == i
+                                    and r["verdict"] == v)}
+                  for i, ((name, want, _, _), v) in enumerate(zip(controls, verdicts))],
+                 "interventions whose answer is known")
+    try:
+        from patchlens.diagnostics.calibration import overall, zoo_counts
+
+        table = overall(zoo_counts())
+        mine = table[table["model"] == model_name]
+        report.table(mine if len(mine) else table,
+                     "calibration on the zoo models (benchmarks/divergence_calibration.py): % of "
+                     "known-natural cases called divergent, % of known-divergent cases detected")
+    except Exception:  # a build without the calibration table
+        pass
     return res.divergence.summary()
 
 
-def _natural_images(model, seed: int) -> Tensor | None:
+def _natural_images(model, model_name: str, seed: int) -> Tensor | None:
     """Natural images for the divergence reference: clutter-digits training images for the zoo
     models (None for other models: the section is skipped and the report says so)."""
+    from patchlens.diagnostics import RECOMMENDED_IMAGES
     from patchlens.zoo.clutter_digits import generate
 
     if tuple(model.cfg.image_size) != (64, 64) or model.cfg.n_classes != 10:
         return None
-    return model.preprocess(generate(256, split="train", seed=seed + 1).images)
+    shortcut = "train" if "shortcut" in model_name else None  # its training distribution
+    return model.preprocess(generate(RECOMMENDED_IMAGES, split="train", seed=seed + 1,
+                                     shortcut=shortcut).images)

@@ -197,3 +197,32 @@ def test_metric_input_errors():
         am.deletion(Fake(), x, torch.zeros(1, 2, 2))
     with pytest.raises(InputError, match="masks"):
         am.energy_pointing_game(torch.zeros(1, 2, 2), torch.zeros(1, 5, 5), image_size=(4, 4))
+
+
+def test_occlusion_is_the_logit_drop_of_each_patch(model, images):
+    """Occlusion values are logit units: the drop of the target logit when one patch is set to
+    zero (the mean colour in normalised space), computed by hand for every patch."""
+    from patchlens.attribution.baselines import occlusion
+
+    amap = occlusion(model, images, target=[1, 3])
+    ph, pw = model.cfg.patch_size
+    with torch.no_grad():
+        base = model(images)
+        for b, t in enumerate([1, 3]):
+            for r in range(4):
+                for c in range(4):
+                    x = images[b : b + 1].clone()
+                    x[..., r * ph : (r + 1) * ph, c * pw : (c + 1) * pw] = 0
+                    drop = base[b, t] - model(x)[0, t]
+                    assert float(amap.values[b, r, c]) == pytest.approx(float(drop), abs=1e-4)
+    # a window of half a patch: each patch holds 4 windows, its value is their mean drop
+    half = occlusion(model, images[:1], target=[1], window=ph // 2)
+    with torch.no_grad():
+        drops = []
+        for dr in range(2):
+            for dc in range(2):
+                x = images[:1].clone()
+                r0, c0 = dr * ph // 2, dc * pw // 2
+                x[..., r0 : r0 + ph // 2, c0 : c0 + pw // 2] = 0
+                drops.append(float(base[0, 1] - model(x)[0, 1]))
+    assert float(half.values[0, 0, 0]) == pytest.approx(sum(drops) / 4, abs=1e-4)

@@ -375,7 +375,10 @@ CASES += [
     Case("NaturalScorer", lambda ctx, **kw: D.NaturalScorer(kw.pop("natural"), **kw),
          lambda k: dict(natural=torch.randn(60, 3, generator=torch.Generator().manual_seed(0)),
                         k=5),
-         dict(natural=Arg([c(torch.zeros(5, 3)), c(torch.full((60, 3), NAN))], ("natural",)),
+         # a constant natural set is one point (accepted with any size); a varying one needs k + 1
+         # vectors in each half
+         dict(natural=Arg([c(torch.randn(5, 3, generator=torch.Generator().manual_seed(1))),
+                           c(torch.full((60, 3), NAN))], ("natural",)),
               k=Arg([c(0), c(2.5)], ("k",)), var=Arg([c(0), c(1.5), c(NAN)], ("var",))),
          same=lambda a, b: True, examples=6),
     Case("dormant_units", lambda k, **kw: D.dormant_units(kw["acts"], kw["natural_max"]),

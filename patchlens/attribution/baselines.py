@@ -255,10 +255,14 @@ def occlusion(model, images, target=None, window: int | None = None,
               perturbations_per_eval: int = 64) -> AttributionMap:
     """Occlusion (Zeiler & Fergus 2014) through captum: each patch (or each ``window x window``
     tile, stride = window; the last row / column of tiles is smaller when ``window`` does not
-    divide the image) set to the mean colour (zeros in normalised space); the drop of the target
-    logit, summed per patch. Non-overlapping windows are feature ablation, so this runs captum's
-    ``FeatureAblation`` on the tiles (its ``Occlusion`` divides by a float32 count, which caps a
-    float64 model at float32 accuracy)."""
+    divide the image) set to the mean colour (zeros in normalised space). Values in logit
+    units: per patch, the drop of the target logit when that patch is occluded (with another
+    ``window``, the mean over the patch's pixels of the drop of the tile covering each pixel),
+    so occlusion and CAAP maps share a scale (captum gives every input of a tile the tile's
+    drop; summing them per patch would multiply it by ``C * h * w``). Non-overlapping windows
+    are feature ablation, so this runs captum's ``FeatureAblation`` on the tiles (its
+    ``Occlusion`` divides by a float32 count, which caps a float64 model at float32
+    accuracy)."""
     from captum.attr import FeatureAblation
 
     tgt = _prepare(model, images, target)
@@ -279,7 +283,8 @@ def occlusion(model, images, target=None, window: int | None = None,
         attr = FeatureAblation(forward).attribute(
             images, baselines=0.0, target=tgt.tolist(), feature_mask=tiles,
             perturbations_per_eval=ppe)
-    return _make(model, images, _pool_pixels(model, attr.to(dt)), "occlusion", tgt)
+    drop = _pool_pixels(model, attr.to(dt)) / (c * ph * pw)  # mean over the patch's inputs
+    return _make(model, images, drop, "occlusion", tgt)
 
 
 def rise(model, images, target=None, n_masks: int = 1000, cells: int | None = None,

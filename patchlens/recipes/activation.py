@@ -106,7 +106,7 @@ def activation_patching(
     collector = None
     if method == "exact":
         if diagnose is not None:  # reduced inside the sweep's own run
-            from patchlens.diagnostics.report import sweep_collector
+            from patchlens.diagnostics.diagnose import sweep_collector
 
             collector = sweep_collector(model, target, sweep.variants, diagnose)
         per_variant = run_variants(
@@ -124,7 +124,7 @@ def activation_patching(
                        meta={"site": site, "per": per, "direction": direction, "method": method,
                              "metric": metric_name(metric), "normalized": normalized})
     if diagnose is not None:
-        from patchlens.diagnostics.report import diagnose_sweep
+        from patchlens.diagnostics.diagnose import diagnose_sweep
 
         result.divergence = diagnose_sweep(model, target, sweep.variants, diagnose, result,
                                            collector=collector)

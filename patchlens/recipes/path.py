@@ -171,7 +171,7 @@ def path_patching(
               "normalized": bool(normalized)},
     )
     if diagnose is not None:
-        from patchlens.diagnostics.report import diagnose_sweep
+        from patchlens.diagnostics.diagnose import diagnose_sweep
 
         result.divergence = diagnose_sweep(model, target, step2, diagnose, result)
     return result
