@@ -379,9 +379,10 @@ def test_start_at_layer_checks(timm_pair):
 
 
 def test_unsupported_timm_models():
-    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56)
-    with pytest.raises(UnsupportedModelError, match="Eva"):
-        HookedViT.from_timm(eva)
+    mixed = timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, img_size=64,
+                              depth=1)
+    with pytest.raises(UnsupportedModelError, match="RotaryEmbeddingMixed"):
+        HookedViT.from_timm(mixed)
     relpos = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=64)
     with pytest.raises(UnsupportedModelError, match="relative"):
         HookedViT.from_timm(relpos)

@@ -64,14 +64,17 @@ class HookedViT(HookedRootModule):
         self.rotary = RotaryTables(cfg) if cfg.rope else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         post_pool = cfg.final_norm == "post_pool"
+        pools = {"map": AttentionPool, "coca": AttentionalPooler}
+        if post_pool:  # modules are registered in forward order (the hook schema's order)
+            self.attn_pool = pools[cfg.pooling](cfg) if cfg.pooling in pools else None
         self.ln_final = (
             LayerNorm(cfg.d_pooled if post_pool else cfg.d_model, cfg.eps,
                       "batch d_pooled" if post_pool else resid)
             if cfg.final_norm != "none"
             else None
         )
-        pools = {"map": AttentionPool, "coca": AttentionalPooler}
-        self.attn_pool = pools[cfg.pooling](cfg) if cfg.pooling in pools else None
+        if not post_pool:
+            self.attn_pool = pools[cfg.pooling](cfg) if cfg.pooling in pools else None
         pooled = {"hook_pooled": HookDecl("batch d_pooled", "pooled features fed to the head",
                                           alias="pooled")}
         if cfg.distilled:
