@@ -177,9 +177,11 @@ class RotaryTables(nn.Module):
         key = (grid, dtype, str(device))
         rot = self._cache.get(key)
         if rot is None:
-            sin, cos = rotary_tables(self.cfg, grid, dtype)
-            rot = Rotation(sin.to(device).unsqueeze(1), cos.to(device).unsqueeze(1),
-                           self.cfg.n_prefix, self.cfg.rope_rotate_half, grid)
+            # plain constants, usable later with autograd even if built under inference_mode
+            with torch.inference_mode(False), torch.no_grad():
+                sin, cos = rotary_tables(self.cfg, grid, dtype)
+                rot = Rotation(sin.to(device).unsqueeze(1), cos.to(device).unsqueeze(1),
+                               self.cfg.n_prefix, self.cfg.rope_rotate_half, grid)
             self._cache[key] = rot
             while len(self._cache) > self.max_cached:
                 self._cache.popitem(last=False)

@@ -359,7 +359,8 @@ def convert_hf_state_dict(
         elif k == "embeddings.distillation_token":
             out["embed.dist_token" if cfg.distilled else "embed.reg_tokens"] = v.reshape(1, -1)
         elif k == "embeddings.register_tokens":
-            out["embed.reg_tokens"] = v.reshape(-1, v.shape[-1])
+            if v.numel():  # DINOv3 keeps an empty parameter without registers
+                out["embed.reg_tokens"] = v.reshape(-1, v.shape[-1])
         elif k in ("embeddings.position_embeddings", "embeddings.position_embedding.weight"):
             out["embed.pos_embed"] = v.reshape(-1, v.shape[-1])
         elif k == "attn_pool.latent":
