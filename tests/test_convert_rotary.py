@@ -95,7 +95,15 @@ def test_dinov3_config_registers_layerscale_no_abs_pos():
     ("vit_base_patch16_rope_reg1_gap_256", dict(SMALL, num_heads=2)),  # register, avg pool
     ("eva_giant_patch14_224", dict(SMALL, num_heads=2, img_size=56)),  # EVA-01: no rotary
     ("vit_small_patch16_lingbot", dict(SMALL, num_heads=4, img_size=64)),
-])
+    # no final norm at all (use_post_transformer_norm=False, use_fc_norm=False), avg pool
+    ("vit_pe_spatial_tiny_patch16_512", dict(SMALL, num_heads=2, img_size=128)),
+    # token pooling with fc_norm instead of the final norm; max and avg-max pooling
+    ("vit_small_patch16_dinov3", dict(SMALL, num_heads=4, img_size=64, global_pool="token",
+                                      use_fc_norm=True, use_post_transformer_norm=False)),
+    ("eva02_tiny_patch14_224", dict(SMALL, num_heads=2, img_size=56, global_pool="max")),
+    ("eva02_tiny_patch14_224", dict(SMALL, num_heads=2, img_size=56, global_pool="avgmax",
+                                    init_values=0.1, attn_only_layer_scale=True)),
+], ids=lambda v: v if isinstance(v, str) else "")
 def test_other_eva_variants_match(name, kwargs):
     torch.manual_seed(0)
     src = perturb_(timm.create_model(name, pretrained=False, **kwargs)).eval().double()
@@ -251,7 +259,7 @@ def test_open_clip_rotary_towers_and_zeroshot(name, other, monkeypatch):
         model = HookedViT.from_open_clip(clip)
         assert model.cfg.rope == "timm_cat" and model.cfg.n_layers == 2
         x = images(hw or model.cfg.image_size)
-        resid = block_outputs(clip.visual.trunk.blocks, lambda: clip.encode_image(x))
+        resid = block_outputs(clip.visual.trunk.blocks, functools.partial(clip.encode_image, x))
         with torch.no_grad():
             out, cache = model.run_with_cache(x, names_filter=lambda n: "resid_post" in n)
             assert rel(out, clip.encode_image(x)) <= 1e-9

@@ -425,10 +425,11 @@ def test_checkpoint_path_loads(tmp_path):
 def test_config_roundtrip_and_validation(tiny_cfg):
     again = ViTConfig.from_json_dict(tiny_cfg.to_json_dict())
     assert again.to_json_dict() == tiny_cfg.to_json_dict()
-    with pytest.raises(ValueError, match="multiple"):
-        ViTConfig(d_model=32, d_head=8, image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="at least patch_size"):
+        ViTConfig(d_model=32, d_head=8, image_size=6, patch_size=8)
+    assert ViTConfig(d_model=32, d_head=8, image_size=30, patch_size=8).grid_size == (3, 3)
     with pytest.raises(ValueError, match="pooling"):
-        ViTConfig(d_model=32, d_head=8, image_size=32, patch_size=8, pooling="max")
+        ViTConfig(d_model=32, d_head=8, image_size=32, patch_size=8, pooling="maximum")
     with pytest.raises(ValueError, match="Unknown ViTConfig"):
         ViTConfig.from_json_dict({"d_model": 32, "nonsense": 1})
 

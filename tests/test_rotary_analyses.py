@@ -56,8 +56,10 @@ def naive_patch(model, clean, corr, hook, index, metric):
         return metric(model.run_with_hooks(corr, fwd_hooks=[(hook, put)]))
 
 
-@pytest.mark.parametrize("site", ["rot_q", "rot_k", "q", "z"])
-def test_head_sweeps_on_rotary_hooks_equal_naive(model, pair, site):
+@pytest.mark.parametrize("kind, site", [("dinov3", "rot_q"), ("dinov3", "rot_k"),
+                                        ("eva02_clip", "q"), ("eva02_clip", "rot_k")])
+def test_head_sweeps_on_rotary_hooks_equal_naive(kind, site, pair):
+    model = make(kind)
     clean, corr = pair
     metric = pl.metrics.logit_diff(0, 3)
     res = pl.activation_patching(model, clean, corr, metric, site=site, per="head",

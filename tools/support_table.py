@@ -89,8 +89,11 @@ def _compare(library, family, name, convert: Callable, forward: Callable, size) 
         return row(library, family, name, "error", _first_sentence(f"{type(e).__name__}: {e}"))
     x = torch.randn(2, 3, *(size or hooked.cfg.image_size),
                     generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with torch.no_grad():
-        err = rel_err(hooked(x), forward(x))
+    try:
+        with torch.no_grad():
+            err = rel_err(hooked(x), forward(x))
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        return row(library, family, name, "error", _first_sentence(f"{type(e).__name__}: {e}"))
     return row(library, family, name, "exact" if err <= EXACT else "mismatch", error=err)
 
 
@@ -110,18 +113,21 @@ def _timm_module(name: str) -> str:
 
 
 def build_timm(name: str, meta: bool = False) -> torch.nn.Module:
-    """A timm model shrunk where its constructor takes the keywords (else as registered)."""
+    """A timm model shrunk where its constructor takes the keywords; on the ``meta`` device
+    (no memory, no init) as registered. A real model is never built at full size."""
     import timm
 
-    attempts = [SHRINK, dict(depth=2, embed_dim=64), dict(depth=2), {}]
+    if meta:
+        with torch.device("meta"):
+            return timm.create_model(name, pretrained=False).eval()
     last: Exception | None = None
-    for kw in attempts:
+    for kw in (SHRINK, dict(depth=2, embed_dim=64), dict(depth=2)):
         try:
-            with torch.device("meta") if meta else contextlib.nullcontext():
-                return timm.create_model(name, pretrained=False, **kw).eval()
+            return timm.create_model(name, pretrained=False, **kw).eval()
         except Exception as e:  # noqa: BLE001 - constructors reject keywords in many ways
             last = e
-    raise RuntimeError(f"could not build: {type(last).__name__}: {_first_sentence(last)}")
+    raise RuntimeError(f"could not build it shrunk ({type(last).__name__}: "
+                       f"{_first_sentence(last)})")
 
 
 def check_timm(name: str) -> dict[str, Any]:
@@ -129,17 +135,20 @@ def check_timm(name: str) -> dict[str, Any]:
     from patchlens.model.convert.timm import timm_config
 
     family = _timm_module(name)
-    if family not in TIMM_VIT_MODULES:  # refused by class: the meta-device model is enough
+    try:
+        src = _perturb(build_timm(name)) if family in TIMM_VIT_MODULES else None
+    except RuntimeError as e:
+        src, why = None, _first_sentence(e)
+    else:
+        why = "could not build it shrunk"
+    if src is None:  # refused by what the registered model is: the meta-device model tells
         try:
             timm_config(build_timm(name, meta=True))
         except UnsupportedModelError as e:
             return row("timm", family, name, "refused", _first_sentence(e))
-        except RuntimeError as e:
-            return row("timm", family, name, "not built", _first_sentence(e))
-    try:
-        src = _perturb(build_timm(name))
-    except RuntimeError as e:
-        return row("timm", family, name, "not built", _first_sentence(e))
+        except Exception as e:  # noqa: BLE001
+            return row("timm", family, name, "not built", _first_sentence(f"{type(e).__name__}: {e}"))
+        return row("timm", family, name, "not built", why)
     return _compare("timm", family, name, lambda: HookedViT.from_timm(src), src, None)
 
 
@@ -222,12 +231,14 @@ def build_open_clip_tower(name: str, meta: bool = False) -> torch.nn.Module:
     device = torch.device("meta") if meta else contextlib.nullcontext()
     torch.manual_seed(0)
     if "timm_model_name" in vision:
-        for kw in (SHRINK, dict(depth=2), {}):
+        # shrunk where timm takes the keywords; as registered only on the meta device
+        for kw in (SHRINK, dict(depth=2)) + (({},) if meta else ()):
             try:
                 with _shrunk_timm(**kw), device:
                     return _build_vision_tower(cfg["embed_dim"], vision, quick).eval()
             except Exception:  # noqa: BLE001 - constructors reject the keywords in many ways
                 continue
+        raise RuntimeError("could not build its timm trunk shrunk")
     with device:
         return _build_vision_tower(cfg["embed_dim"], vision, quick).eval()
 

@@ -35,7 +35,9 @@ class ViTConfig(TransformerLensConfig):
     tokens at the native image size and is derived when left at 0.
 
     Vision fields:
-        image_size, patch_size: native input size and patch size, (height, width) in pixels.
+        image_size, patch_size: native input size and patch size, (height, width) in pixels;
+            the patch grid is ``image_size // patch_size`` (a remainder is dropped, as the
+            source's strided patch projection does: timm's 384 px models with 14 px patches).
         in_channels: image channels.
         class_token, distilled, n_registers: the prefix tokens, in the order
             ``cls, dist, reg0..`` before the patches (row-major).
@@ -192,9 +194,8 @@ class ViTConfig(TransformerLensConfig):
             (self.pooling not in ("token", "token_avg") or self.class_token,
              "token pooling needs a class token"),
             (0 <= self.n_pos_prefix <= self.n_prefix, "n_pos_prefix must be in [0, n_prefix]"),
-            (self.image_size[0] % self.patch_size[0] == 0
-             and self.image_size[1] % self.patch_size[1] == 0,
-             f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"),
+            (self.image_size[0] >= self.patch_size[0] and self.image_size[1] >= self.patch_size[1],
+             f"image_size {self.image_size} must be at least patch_size {self.patch_size}"),
         ]
         for ok, msg in checks:
             if not ok:

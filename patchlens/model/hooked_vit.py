@@ -29,7 +29,7 @@ from patchlens.model.hooks import (
 )
 from patchlens.model.layout import TokenLayout
 from patchlens.model.pooling import AttentionalPooler, AttentionPool
-from patchlens.model.rotary import Rotation, RotaryTables
+from patchlens.model.rotary import RotaryTables, Rotation
 
 ReturnType = Literal["logits", "pooled", "resid", None]
 RETURN_TYPES = ("logits", "pooled", "resid", None)
@@ -357,7 +357,9 @@ class HookedViT(HookedRootModule):
                     f"{self.cfg.d_model}], got {shape}."
                 )
             resid = x
-        rope = self.rotation(resid, grid) if self.rotary is not None and start < stop else None
+        rope = None
+        if self.rotary is not None and (start < stop or start_at_layer is None):
+            rope = self.rotation(resid, grid)  # an image pass records its grid for resuming
         for block in self.blocks[start:stop]:
             resid = block(resid, rope)
         if stop_at_layer is not None or return_type == "resid":

@@ -39,10 +39,11 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
     if kind == "Eva":
         return eva_config(model, source)
     if not isinstance(model, VisionTransformer):
+        hint = _feature_hint(kind)
         raise UnsupportedModelError(
-            f"timm model class {kind} is not a VisionTransformer or Eva; patchlens supports "
-            "timm's VisionTransformer family (vit_*, deit_*, deit3_*, CLIP/SigLIP-style ViTs) "
-            f"and Eva (EVA-02, DINOv3, Perception Encoder). {_feature_hint(kind)}"
+            f"timm model class {kind} is not supported{': ' + hint if hint else ''}; patchlens "
+            "converts timm's VisionTransformer family (vit_*, deit_*, deit3_*, CLIP/SigLIP-style "
+            "ViTs) and Eva (EVA-02, DINOv3, Perception Encoder)."
         )
     if type(model).__name__ not in ("VisionTransformer", "VisionTransformerDistilled"):
         raise UnsupportedModelError(f"timm class {kind} changes the ViT forward pass; not supported.")
@@ -61,6 +62,9 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
     if not is_identity(getattr(model, "patch_drop", None)) and model.training:
         raise UnsupportedModelError("patch dropout is not supported.")
     blk = model.blocks[0]
+    if type(blk).__name__ != "Block":
+        raise UnsupportedModelError(f"block class {type(blk).__name__} is not supported (parallel "
+                                    "or post-norm blocks change the residual stream).")
     attn = blk.attn
     if type(attn) is not TimmAttention:
         raise UnsupportedModelError(
@@ -70,8 +74,6 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
     if getattr(attn, "gate", None) is not None:
         raise UnsupportedModelError("gated attention (a sigmoid gate on the attention output) is "
                                     "not supported.")
-    if type(blk).__name__ != "Block":
-        raise UnsupportedModelError(f"block class {type(blk).__name__} is not supported.")
     eps = check_layer_norm(blk.norm1, "blocks.0.norm1")
     mlp = mlp_fields(blk.mlp)
 
@@ -96,7 +98,7 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
         n_heads=attn.num_heads,
         n_layers=len(model.blocks),
         eps=eps,
-        image_size=(grid[0] * patch[0], grid[1] * patch[1]),
+        image_size=tuple(pe.img_size),  # the source's input size (the grid drops a remainder)
         patch_size=patch,
         in_channels=pe.proj.in_channels,
         class_token=model.cls_token is not None,
@@ -130,9 +132,10 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
 
 def _feature_hint(kind: str) -> str:
     hints = {
-        "VisionTransformerRelPos": "it uses relative position biases in attention.",
-        "VisionTransformerSAM": "it uses windowed attention with relative positions.",
-        "Beit": "it uses relative position biases in attention.",
+        "VisionTransformerRelPos": "relative position biases in attention",
+        "VisionTransformerSAM": "windowed attention with relative positions",
+        "Beit": "relative position biases in attention",
+        "NaFlexVit": "NaFlex packs variable-resolution patch sequences with its own embedding",
     }
     return hints.get(kind, "")
 
