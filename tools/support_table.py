@@ -12,7 +12,8 @@ message, which names the missing feature. Models whose construction would be lar
 are refused by class are built on the ``meta`` device (no memory, no init), which is enough for
 the converter to name its refusal.
 
-``--write`` stores one row per model in ``docs/support_table.json`` and the summary table
+``--only LIBRARY`` re-checks one library (keeping the other rows); ``--write`` stores one row
+per model in ``docs/support_table.json`` and the summary table
 between the markers of ``docs/loading.md``; ``tests/test_support_table.py`` re-checks a sample.
 """
 
@@ -165,20 +166,22 @@ def timm_names() -> list[str]:
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------
-def build_hf(model_type: str) -> torch.nn.Module:
+def hf_config_for(model_type: str):
+    """The model type's default config, shrunk where a field has the same kind of value."""
     import transformers as T
 
     config = T.AutoConfig.for_model(model_type)
     for k, v in HF_SHRINK.items():
-        if hasattr(config, k):
+        if isinstance(getattr(config, k, None), int):
             setattr(config, k, v)
-    for k, v in dict(depths=[1, 1], embed_dim=32, hidden_sizes=[32, 64], num_heads=[2, 4],
-                     embed_dims=[32, 64], stage_names=None).items():
-        if hasattr(config, k) and v is not None:
-            with contextlib.suppress(Exception):
-                setattr(config, k, v)
+    return config
+
+
+def build_hf(model_type: str) -> torch.nn.Module:
+    import transformers as T
+
     torch.manual_seed(0)
-    return getattr(T, HF_TYPES[model_type])(config)
+    return getattr(T, HF_TYPES[model_type])(hf_config_for(model_type))
 
 
 def _hf_reference(model_type: str, model: torch.nn.Module) -> Callable:
@@ -192,15 +195,23 @@ def _hf_reference(model_type: str, model: torch.nn.Module) -> Callable:
 
 
 def check_hf(model_type: str) -> dict[str, Any]:
-    from patchlens import HookedViT
+    from patchlens import HookedViT, UnsupportedModelError
+    from patchlens.model.convert.hf import hf_config
 
+    arch = HF_TYPES[model_type]
+    try:  # an architecture refused by type needs no model: the config tells
+        hf_config(hf_config_for(model_type), architecture=arch)
+    except UnsupportedModelError as e:
+        return row("transformers", arch, model_type, "refused", _first_sentence(e))
+    except Exception:  # noqa: BLE001 - decided by the model below
+        pass
     try:
         src = _perturb(build_hf(model_type))
     except Exception as e:  # noqa: BLE001
-        return row("transformers", model_type, HF_TYPES[model_type], "not built",
+        return row("transformers", arch, model_type, "not built",
                    _first_sentence(f"{type(e).__name__}: {e}"))
-    return _compare("transformers", model_type, HF_TYPES[model_type],
-                    lambda: HookedViT.from_hf(src), _hf_reference(model_type, src), None)
+    return _compare("transformers", arch, model_type, lambda: HookedViT.from_hf(src),
+                    _hf_reference(model_type, src), None)
 
 
 # ---- open_clip ------------------------------------------------------------------------------
@@ -293,6 +304,13 @@ def all_models() -> list[tuple[str, str]]:
 
 
 # ---- rendering --------------------------------------------------------------------------------
+def _short(reason: str) -> str:
+    """A reason without the list of what patchlens does convert (the page says that)."""
+    for cut in ("; patchlens converts", "; patchlens needs", " patchlens converts"):
+        reason = reason.split(cut)[0]
+    return reason.rstrip(".;, ") + "." if reason else reason
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     """The markdown summary: one line per (library, family)."""
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -309,7 +327,7 @@ def render(rows: list[dict[str, Any]]) -> str:
             if r["status"] != "exact":
                 label = {"refused": "", "not built": "not built: ", "error": "ERROR: ",
                          "mismatch": "MISMATCH: "}[r["status"]]
-                text = label + (r["reason"] or f"relative error {r['error']:.2g}")
+                text = label + (_short(r["reason"]) or f"relative error {r['error']:.2g}")
                 why.setdefault(text, []).append(r["name"])
         cell = "<br>".join(f"{len(ns)}: {t.replace('|', '/')} (`{ns[0]}`)"
                            for t, ns in sorted(why.items(), key=lambda kv: -len(kv[1])))
@@ -348,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(r)
         print(f"[{i + 1}/{len(models)} {time.time() - t0:5.0f}s] {lib:12s} {name:45s} "
               f"{r['status']:9s} {r['reason'][:90]}", file=sys.stderr, flush=True)
+    if args.only and not args.limit and JSON_PATH.exists():  # keep the other libraries' rows
+        rows = [r for r in json.loads(JSON_PATH.read_text()) if r["library"] != args.only] + rows
     print(render(rows))
     if args.write:
         write_docs(rows)

@@ -145,7 +145,7 @@ def eva_config(model: nn.Module, source: str = "") -> ViTConfig:
     if has_norm and has_fc_norm:
         raise UnsupportedModelError("both a final norm and fc_norm (use_post_transformer_norm "
                                     "and use_fc_norm) are not supported.")
-    grid, patch = tuple(pe.grid_size), tuple(pe.patch_size)
+    patch = tuple(pe.patch_size)
     n_classes = model.num_classes if not is_identity(model.head) else 0
     extra: dict[str, Any] = {"timm_class": "Eva"}
     if mlp["gate_last"]:

@@ -99,6 +99,15 @@ _HINTS = {
     "vit_msn": "convert it as a plain ViT state dict if its forward matches ViTModel.",
     "vit_hybrid": "its patch embedding is a CNN backbone.",
     "convnext": "it is not a transformer.",
+    "aimv2_vision_model": "AIMv2 uses RMSNorm (and an RMS-normed patch embedding).",
+    "siglip2_vision_model": "SigLIP 2 (NaFlex) packs variable-resolution patch sequences with a "
+                            "per-image resized position embedding and attention masks.",
+    "ijepa": "I-JEPA has no class token (its encoder outputs patch tokens only).",
+    "hiera": "Hiera is a hierarchical transformer with pooling stages.",
+    "levit": "LeViT is a convolutional hybrid with attention biases.",
+    "pvt_v2": "PVTv2 is a pyramid transformer with spatial-reduction attention.",
+    "yolos": "YOLOS appends detection tokens and predicts boxes.",
+    "vitdet": "ViTDet uses windowed attention and relative position embeddings.",
 }
 _ACTS = {
     "gelu": "gelu", "gelu_python": "gelu", "gelu_pytorch_tanh": "gelu_tanh",

@@ -89,7 +89,6 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
     final_norm = "post_pool" if has_fc_norm else ("pre_pool" if has_norm else "none")
     if has_fc_norm and has_norm:
         raise UnsupportedModelError("both norm and fc_norm present is not supported.")
-    grid = tuple(pe.grid_size)
     patch = tuple(pe.patch_size)
     n_classes = model.num_classes if not is_identity(model.head) else 0
     cfg = ViTConfig(
