@@ -3,6 +3,10 @@
     python benchmarks/forward.py [--device cuda] [--batch 8] [--model vit_small_patch16_224]
                                  [--threads N] [--repeats 9] [--keep-freed-memory]
 
+``--model`` is any timm model `HookedViT.from_timm` converts (random init), e.g.
+``vit_small_patch16_dinov3`` or ``eva02_tiny_patch14_224`` (timm ``Eva``: rotary attention);
+images have the model's native size.
+
 Prints the ratios (HookedViT no hooks / timm, run_with_cache of every hook / timm): the ratio of
 the medians over interleaved rounds, and the median and range of the per-round ratios (each
 round times all three back to back, so a per-round ratio is immune to slow drift of a shared
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     src = timm.create_model(args.model, pretrained=False).eval().to(args.device)
     model = HookedViT.from_timm(src)
-    x = torch.randn(args.batch, 3, 224, 224, device=args.device)
+    x = torch.randn(args.batch, 3, *model.cfg.image_size, device=args.device)
     samples: dict[str, list[float]] = {}
     with torch.inference_mode():
         times = time_interleaved({

@@ -160,16 +160,18 @@ def attach_zeroshot_head(
     """Give ``hooked`` (in place) the zero-shot head ``logit_scale * text_features`` (already
     exponentiated scale; normalised ``text_features``) and return it.
 
-    ``hooked`` is a converted CLIP image tower: its bias-free projection head becomes
-    ``image_proj`` (a model that already has a zero-shot head keeps its ``image_proj``), or,
-    for a headless model (SigLIP), the pooled features are the image embedding.
+    ``hooked`` is a converted CLIP image tower: its projection head becomes ``image_proj``
+    (bias-free, or with the bias of an open_clip ``TimmModel`` trunk head such as EVA02-CLIP /
+    PE-Core; a model that already has a zero-shot head keeps its ``image_proj``), or, for a
+    headless model (SigLIP), the pooled features are the image embedding.
     """
     cfg = hooked.cfg
     zs = cfg.zeroshot
     if zs is not None:
         proj, embed_dim = hooked.image_proj, zs["embed_dim"]
     elif hooked.head is not None:
-        if hooked.head.bias is not None or hooked.head_dist is not None:
+        timm_tower = cfg.extra.get("open_clip_tower") == "TimmModel"
+        if (hooked.head.bias is not None and not timm_tower) or hooked.head_dist is not None:
             raise InputError(
                 "hooked has a classification head with a bias, not a CLIP image projection; "
                 "convert the CLIP model itself (HookedViT.from_open_clip / from_hf(CLIPModel))."
@@ -196,6 +198,7 @@ def attach_zeroshot_head(
     hooked.set_output_head(head, zeroshot={
         "embed_dim": embed_dim,
         "image_proj": proj is not None,
+        "image_proj_bias": proj is not None and proj.bias is not None,
         "class_names": names,
         "templates": list(templates),
         "logit_scale": float(scale),

@@ -29,6 +29,18 @@ def timm_vit(seed: int = 0, **kwargs) -> torch.nn.Module:
     return perturb_(timm.create_model(name, pretrained=False, **base), seed=seed).eval()
 
 
+def block_outputs(blocks, fn) -> list:
+    """Outputs of every module in ``blocks`` (forward hooks) while running ``fn()``."""
+    outs, handles = [], [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in blocks]
+    try:
+        with torch.no_grad():
+            fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg() -> ViTConfig:
     return ViTConfig(d_model=32, d_head=8, n_heads=4, n_layers=3, d_mlp=64, image_size=(32, 32),

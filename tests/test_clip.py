@@ -13,7 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import transformers as T
-from conftest import perturb_
+from conftest import block_outputs, perturb_
 from open_clip.timm_model import TimmModel
 from torch import nn
 
@@ -40,6 +40,11 @@ VARIANTS = {
     "layerscale": (dict(VISION, ls_init_value=0.1), False),
     "qk_norm": (dict(VISION, qk_norm=True), False),
     "non_square_64px": (dict(VISION, image_size=(32, 64), patch_size=16, layers=3), False),
+    # NormFormer-style norms inside attention and MLP -> attn.norm / mlp.norm
+    "scale_attn_inner_scale_fc": (dict(VISION, scale_attn_inner=True, scale_fc=True), False),
+    # CoCa's AttentionalPooler over all tokens (first query) -> pooling="coca"
+    "coca_attentional_pool": (dict(VISION, attentional_pool=True, attn_pooler_heads=4,
+                                   attn_pooler_queries=5), False),
 }
 
 
@@ -76,18 +81,6 @@ def _images(model, n=3, dtype=torch.float64, seed=1):
     return torch.randn(n, 3, *model.cfg.image_size, generator=g, dtype=dtype)
 
 
-def _block_outputs(blocks, fn):
-    """Outputs of every module in ``blocks`` while running ``fn()``."""
-    outs, handles = [], [b.register_forward_hook(lambda m, i, o: outs.append(o)) for b in blocks]
-    try:
-        with torch.no_grad():
-            fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return outs
-
-
 # ---- exact conversion ---------------------------------------------------------------------------
 @DTYPES
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -99,7 +92,7 @@ def test_open_clip_vit_matches_encode_image(variant, dtype):
     assert model.cfg.act_fn == ("quick_gelu" if quick else "gelu")
     assert model.cfg.n_classes == 24 and not model.cfg.head_bias
     x = _images(model, dtype=dtype)
-    resid = _block_outputs(clip.visual.transformer.resblocks, lambda: clip.encode_image(x))
+    resid = block_outputs(clip.visual.transformer.resblocks, lambda: clip.encode_image(x))
     with torch.no_grad():
         ref = clip.encode_image(x)
         out, cache = model.run_with_cache(x, names_filter=lambda n: "resid_post" in n)
@@ -121,7 +114,7 @@ def test_timm_tower_matches(kind, dtype):
     model = HookedViT.from_open_clip(tower)
     assert model.cfg.n_classes == 24 and model.cfg.head_bias == (bias or proj == "none")
     x = _images(model, dtype=dtype)
-    resid = _block_outputs(tower.trunk.blocks, lambda: tower(x))
+    resid = block_outputs(tower.trunk.blocks, lambda: tower(x))
     with torch.no_grad():
         out, cache = model.run_with_cache(x, names_filter=lambda n: "resid_post" in n)
         assert (out - tower(x)).abs().max().item() <= TOL[dtype]
@@ -157,11 +150,13 @@ def _resnet_clip():
 
 @pytest.mark.parametrize("make, match", [
     (_resnet_clip, "ModifiedResNet"),
-    (lambda: make_clip(dict(VISION, attentional_pool=True, attn_pooler_heads=4,
-                            attn_pooler_queries=4)), "attentional_pool"),
+    (lambda: make_clip(dict(VISION, attentional_pool="parallel", attn_pooler_heads=4,
+                            attn_pooler_queries=4)), "attentional_pool='parallel'"),
+    (lambda: make_clip(dict(VISION, attentional_pool=True, pool_type="avg",
+                            attn_pooler_heads=4)), "AttentionalPooler with pool_type='avg'"),
     (lambda: make_clip(dict(VISION, pool_type="none")), "pool_type"),
     (lambda: make_clip(dict(VISION, scaled_cosine_attn=True)), "scaled_cosine_attn"),
-    (lambda: make_clip(dict(VISION, scale_fc=True)), "scale_fc"),
+    (lambda: make_clip(dict(VISION, scale_attn=True)), "scale_attn"),
     (lambda: timm_tower(proj="mlp"), "MLP projection"),
     (lambda: timm_tower(name="test_convnext", proj="none"), "ConvNeXt"),
 ])

@@ -22,6 +22,17 @@ CONFIGS = {
                                mlp_kind="swiglu", layer_scale=True),
     "avg_headless": dict(pooling="avg", n_classes=0, final_norm="post_pool"),
     "token_avg": dict(pooling="token_avg"),
+    # rotary attention (hook_rot_q / hook_rot_k), GLU MLP, sub-LayerNorms in attention and MLP
+    "rotary_glu_subnorms": dict(rope="timm_cat", rope_ref_grid=(2, 2), n_registers=2,
+                                mlp_kind="glu", act_fn="gelu", mlp_norm=True, attn_norm=True,
+                                qk_norm=True),
+    "dinov3_like": dict(rope="timm_dinov3", rope_rotate_half=True, rope_precision="model",
+                        pos_embed=False, n_registers=4, layer_scale=True, mlp_kind="swiglu",
+                        pooling="avgmax"),
+    "coca_pool": dict(pooling="coca", pool_dim=24, map_n_heads=2, final_norm="post_pool",
+                      pool_include_prefix=True),
+    "map_prefix_heads": dict(pooling="map", map_n_heads=2, pool_include_prefix=True,
+                             rope="hf_dinov3", rope_rotate_half=True),
 }
 
 
@@ -67,6 +78,7 @@ def _axis_sizes(model: HookedViT, b: int) -> dict[str, int]:
     zs = cfg.zeroshot or {}
     return {"batch": b, "pos": n, "query_pos": n, "key_pos": n, "head": cfg.n_heads,
             "d_head": cfg.d_head, "d_model": cfg.d_model, "d_mlp": cfg.d_mlp, "1": 1,
+            "d_attn": cfg.n_heads * cfg.d_head,
             "d_pooled": cfg.d_pooled, "n_classes": cfg.n_classes, "latent": 1,
             "embed_dim": zs.get("embed_dim", -1)}
 

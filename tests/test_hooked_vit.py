@@ -380,9 +380,10 @@ def test_start_at_layer_checks(timm_pair):
 
 
 def test_unsupported_timm_models():
-    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56)
-    with pytest.raises(UnsupportedModelError, match="Eva"):
-        HookedViT.from_timm(eva)
+    mixed = timm.create_model("vit_small_patch16_rope_mixed_224", pretrained=False, img_size=64,
+                              depth=1)
+    with pytest.raises(UnsupportedModelError, match="RotaryEmbeddingMixed"):
+        HookedViT.from_timm(mixed)
     relpos = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=64)
     with pytest.raises(UnsupportedModelError, match="relative"):
         HookedViT.from_timm(relpos)
@@ -425,10 +426,11 @@ def test_checkpoint_path_loads(tmp_path):
 def test_config_roundtrip_and_validation(tiny_cfg):
     again = ViTConfig.from_json_dict(tiny_cfg.to_json_dict())
     assert again.to_json_dict() == tiny_cfg.to_json_dict()
-    with pytest.raises(ValueError, match="multiple"):
-        ViTConfig(d_model=32, d_head=8, image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="at least patch_size"):
+        ViTConfig(d_model=32, d_head=8, image_size=6, patch_size=8)
+    assert ViTConfig(d_model=32, d_head=8, image_size=30, patch_size=8).grid_size == (3, 3)
     with pytest.raises(ValueError, match="pooling"):
-        ViTConfig(d_model=32, d_head=8, image_size=32, patch_size=8, pooling="max")
+        ViTConfig(d_model=32, d_head=8, image_size=32, patch_size=8, pooling="maximum")
     with pytest.raises(ValueError, match="Unknown ViTConfig"):
         ViTConfig.from_json_dict({"d_model": 32, "nonsense": 1})
 

@@ -532,5 +532,5 @@ def test_every_refusal_is_a_patchlens_error():
 
     assert issubclass(InputError, PatchlensError) and issubclass(InputError, ValueError)
     assert issubclass(MapIndexError, PatchlensError) and issubclass(MapIndexError, IndexError)
-    with pytest.raises(InputError, match="multiple of patch_size"):
-        ViTConfig(**{**CFG, "image_size": (30, 30)})
+    with pytest.raises(InputError, match="at least patch_size"):
+        ViTConfig(**{**CFG, "image_size": (4, 30)})

@@ -4,6 +4,44 @@
 from __future__ import annotations
 
 
+def _rows(model, names=None) -> list[str]:
+    out = []
+    for row in model.hook_table():
+        if row["name"].startswith("blocks.") and not row["name"].startswith("blocks.0."):
+            continue
+        if names is not None and row["name"] in names:
+            continue
+        alias = f"`{row['alias']}`" if row["alias"] else ""
+        opt = f"`{row['opt_in']}`" if row["opt_in"] else ""
+        out.append(f"| `{row['name']}` | `[{row['axes']}]` | {row['shape']} | {alias} | {opt} "
+                   f"| {row['doc']} |")
+    return out
+
+
+def _rotary_table() -> str:
+    """The hooks a rotary / gated-MLP / sub-norm block adds to the plain one."""
+    import torch
+
+    from patchlens import HookedViT, ViTConfig
+
+    torch.manual_seed(0)
+    base = dict(d_model=64, d_head=16, n_heads=4, n_layers=2, d_mlp=128, image_size=(32, 32),
+                patch_size=(8, 8), n_classes=10, n_registers=1)
+    plain = {r["name"] for r in HookedViT(ViTConfig(**base)).hook_table()}
+    model = HookedViT(ViTConfig(**base, rope="timm_cat", mlp_kind="swiglu", attn_norm=True,
+                                mlp_norm=True)).eval()
+    lines = [
+        "The same model with rotary attention, a SwiGLU MLP and the EVA-02 sub-LayerNorms "
+        "(`rope=\"timm_cat\"`, `mlp_kind=\"swiglu\"`, `attn_norm=True`, `mlp_norm=True`) has "
+        "these hooks in addition:",
+        "",
+        "| hook | axes | shape on one image | short name | opt-in | what it holds |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *_rows(model, plain),
+    ]
+    return "\n".join(lines)
+
+
 def _table() -> str:
     import torch
 
@@ -21,13 +59,7 @@ def _table() -> str:
         "| hook | axes | shape on one image | short name | opt-in | what it holds |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for row in model.hook_table():
-        if row["name"].startswith("blocks.") and not row["name"].startswith("blocks.0."):
-            continue
-        alias = f"`{row['alias']}`" if row["alias"] else ""
-        opt = f"`{row['opt_in']}`" if row["opt_in"] else ""
-        lines.append(f"| `{row['name']}` | `[{row['axes']}]` | {row['shape']} | {alias} | {opt} "
-                     f"| {row['doc']} |")
+    lines += _rows(model)
     lines.append("")
     lines.append("Every block `blocks.{l}` has the same hooks as `blocks.0` shown here.")
     return "\n".join(lines)
@@ -35,5 +67,7 @@ def _table() -> str:
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if "<!-- HOOK_TABLE -->" in markdown:
-        return markdown.replace("<!-- HOOK_TABLE -->", _table())
+        markdown = markdown.replace("<!-- HOOK_TABLE -->", _table())
+    if "<!-- HOOK_TABLE_ROTARY -->" in markdown:
+        markdown = markdown.replace("<!-- HOOK_TABLE_ROTARY -->", _rotary_table())
     return markdown

@@ -20,6 +20,7 @@ from transformer_lens.hook_points import HookPoint
 from patchlens.errors import InputError
 from patchlens.model.config import ViTConfig
 from patchlens.model.hooks import HookDecl, declare_hooks
+from patchlens.model.rotary import Rotation, apply_rotation
 
 
 def is_hooked(*points: HookPoint) -> bool:
@@ -39,6 +40,7 @@ def activation(name: str):
         "quick_gelu": quick_gelu,
         "relu": F.relu,
         "silu": F.silu,
+        "sigmoid": torch.sigmoid,
         "identity": lambda x: x,  # for linearised test models
     }[name]
 
@@ -159,11 +161,14 @@ def resample_position_embedding(
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention.
+    """Multi-head self-attention, optionally rotary.
 
-    Hooks: ``hook_q|hook_k|hook_v|hook_z`` ``[batch, pos, head, d_head]``,
-    ``hook_attn_scores|hook_pattern`` ``[batch, head, query_pos, key_pos]`` (explicit path only),
-    ``hook_result`` ``[batch, pos, head, d_model]`` (only with ``cfg.use_attn_result``).
+    Hooks: ``hook_q|hook_k|hook_v|hook_z`` ``[batch, pos, head, d_head]``, with rotary position
+    embeddings (``cfg.rope``) also ``hook_rot_q|hook_rot_k`` (q and k after the rotation, as in
+    TransformerLens), ``hook_attn_scores|hook_pattern`` ``[batch, head, query_pos, key_pos]``
+    (explicit path only), ``hook_result`` ``[batch, pos, head, d_model]`` (only with
+    ``cfg.use_attn_result``); ``norm`` (``cfg.attn_norm``) normalises the concatenated head
+    outputs before the output projection and has its own hooks.
     Uses ``F.scaled_dot_product_attention`` unless the scores or pattern are hooked.
     """
 
@@ -172,23 +177,38 @@ class Attention(nn.Module):
         self.cfg = cfg
         h, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
         self.qkv = nn.Linear(d, 3 * h * dh, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(h * dh, d, bias=cfg.proj_bias)
         head_axes = "batch pos head d_head"
         self.q_norm = LayerNorm(dh, cfg.eps, head_axes) if cfg.qk_norm else None
         self.k_norm = LayerNorm(dh, cfg.eps, head_axes) if cfg.qk_norm else None
         self.scale = dh**-0.5
         pattern_axes = "batch head query_pos key_pos"
         explicit = "only when scores or pattern are hooked (otherwise fused SDPA)"
-        declare_hooks(self, {
-            "hook_q": HookDecl(head_axes, "queries (after q_norm)", alias="q"),
-            "hook_k": HookDecl(head_axes, "keys (after k_norm)", alias="k"),
+        hooks = {
+            "hook_q": HookDecl(head_axes, "queries (after q_norm, before any rotation)",
+                               alias="q"),
+            "hook_k": HookDecl(head_axes, "keys (after k_norm, before any rotation)", alias="k"),
             "hook_v": HookDecl(head_axes, "values", alias="v"),
+        }
+        if cfg.rope:
+            hooks["hook_rot_q"] = HookDecl(head_axes, "queries after the rotary position "
+                                           "embedding (prefix tokens unrotated)", alias="rot_q")
+            hooks["hook_rot_k"] = HookDecl(head_axes, "keys after the rotary position "
+                                           "embedding (prefix tokens unrotated)", alias="rot_k")
+        else:
+            self.hook_rot_q = self.hook_rot_k = None
+        declare_hooks(self, {
+            **hooks,
             "hook_attn_scores": HookDecl(pattern_axes, "scaled q.k scores before the softmax",
                                          alias="attn_scores", note=explicit),
             "hook_pattern": HookDecl(pattern_axes, "attention pattern (softmax of the scores)",
                                      alias="pattern", note=explicit),
             "hook_z": HookDecl(head_axes, "per-head attention output, before W_O", alias="z"),
-            "hook_result": HookDecl("batch pos head d_model", "per-head output after W_O",
+        })
+        self.norm = LayerNorm(h * dh, cfg.eps, "batch pos d_attn") if cfg.attn_norm else None
+        self.proj = nn.Linear(h * dh, d, bias=cfg.proj_bias)
+        declare_hooks(self, {
+            "hook_result": HookDecl("batch pos head d_model", "per-head output after W_O"
+                                    + (" (of the normalised z)" if cfg.attn_norm else ""),
                                     opt_in="use_attn_result", alias="result"),
         })
 
@@ -241,9 +261,11 @@ class Attention(nn.Module):
         self,
         x: Float[Tensor, "batch pos d_model"] | None = None,
         split: tuple[Tensor, Tensor, Tensor] | None = None,
+        rope: Rotation | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attention output (before LayerScale). ``split`` gives normalised per-head inputs
-        ``[batch, pos, head, d_model]`` for q, k, v (TransformerLens ``use_split_qkv_input``)."""
+        ``[batch, pos, head, d_model]`` for q, k, v (TransformerLens ``use_split_qkv_input``);
+        ``rope`` the rotary tables of this input's patch grid (rotary models)."""
         cfg = self.cfg
         h, dh = cfg.n_heads, cfg.d_head
         if split is None:
@@ -258,17 +280,25 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.hook_rot_q is not None:
+            if rope is None:
+                raise ValueError("This attention layer is rotary: pass the tables (rope=).")
+            q = self.hook_rot_q(apply_rotation(q, rope))
+            k = self.hook_rot_k(apply_rotation(k, rope))
         if is_hooked(self.hook_attn_scores, self.hook_pattern):
             z = self._explicit_attention(q, k, v)
         else:
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                v.transpose(1, 2)).transpose(1, 2)
         z = self.hook_z(z)
+        flat = z.reshape(b, n, h * dh)
+        if self.norm is not None:
+            flat = self.norm(flat)
         if cfg.use_attn_result:
-            result = self.hook_result(torch.einsum("bphk,hkd->bphd", z, self.W_O))
+            per_head = flat.reshape(b, n, h, dh)
+            result = self.hook_result(torch.einsum("bphk,hkd->bphd", per_head, self.W_O))
             return result.sum(dim=2) + self.b_O
-        return self.proj(z.reshape(b, n, h * dh))
-
+        return self.proj(flat)
 
     def _explicit_attention(
         self,
@@ -300,16 +330,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """MLP (``fc1 -> act -> fc2``) or gated SwiGLU. Hooks: ``hook_pre`` (and
-    ``hook_pre_linear`` for SwiGLU) and ``hook_post`` ``[batch, pos, d_mlp]``."""
+    """MLP (``fc1 -> act -> fc2``) or gated (``act(gate) * linear``, fc1 packed as
+    ``[gate; linear]``). Hooks: ``hook_pre`` (the gate for gated MLPs), ``hook_pre_linear``
+    (gated only) and ``hook_post`` ``[batch, pos, d_mlp]`` (TransformerLens names); ``norm``
+    (``cfg.mlp_norm``) normalises ``hook_post`` before fc2 and has its own hooks."""
 
     def __init__(self, cfg: ViTConfig, lead: str = "batch pos", aliases: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.gated = cfg.mlp_kind == "swiglu"
+        self.gated = cfg.mlp_kind != "mlp"
         self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp * (2 if self.gated else 1), bias=cfg.mlp_bias)
-        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
-        self.act = activation("silu" if self.gated else cfg.act_fn)
+        self.act = activation("silu" if cfg.mlp_kind == "swiglu" else cfg.act_fn)
         axes = f"{lead} d_mlp"
         hooks = {"hook_pre": HookDecl(axes, "gate pre-activation" if self.gated
                                       else "pre-activation", alias="mlp_pre")}
@@ -321,6 +352,8 @@ class MLP(nn.Module):
         if not aliases:
             hooks = {k: dataclasses.replace(d, alias=None) for k, d in hooks.items()}
         declare_hooks(self, hooks)
+        self.norm = LayerNorm(cfg.d_mlp, cfg.eps, axes) if cfg.mlp_norm else None
+        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
 
     # TransformerLens weight views. For the gated (SwiGLU) MLP, as in TransformerLens,
     # ``W_gate`` feeds the activation (``hook_pre``) and ``W_in`` the linear branch
@@ -361,7 +394,10 @@ class MLP(nn.Module):
             post = self.act(self.hook_pre(gate)) * self.hook_pre_linear(lin)
         else:
             post = self.act(self.hook_pre(pre))
-        return self.fc2(self.hook_post(post))
+        post = self.hook_post(post)
+        if self.norm is not None:
+            post = self.norm(post)
+        return self.fc2(post)
 
 
 class LayerScale(nn.Module):
@@ -413,49 +449,24 @@ class Block(nn.Module):
                                         alias="resid_post"),
         })
 
-    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, resid_pre: Float[Tensor, "batch pos d_model"], rope: Rotation | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """One block; ``rope``: the rotary tables of the input's patch grid (rotary models)."""
         resid_pre = self.hook_resid_pre(resid_pre)
         if self.cfg.use_split_qkv_input:
             per_head = resid_pre.unsqueeze(2).expand(-1, -1, self.cfg.n_heads, -1)
             inputs = [hook(per_head.clone())
                       for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)]
             split = tuple(self.ln1(t) for t in inputs)
-            attn = self.attn(split=split)
+            attn = self.attn(split=split, rope=rope)
         else:
-            attn = self.attn(self.ln1(resid_pre))
+            attn = self.attn(self.ln1(resid_pre), rope=rope)
         attn_out = self.hook_attn_out(self.ls1(attn) if self.ls1 is not None else attn)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp = self.mlp(self.ln2(resid_mid))
         mlp_out = self.hook_mlp_out(self.ls2(mlp) if self.ls2 is not None else mlp)
         return self.hook_resid_post(resid_mid + mlp_out)
-
-
-class AttentionPool(nn.Module):
-    """Multihead attention pooling with a learned latent query (MAP head, as in SigLIP / timm
-    ``AttentionPoolLatent``): ``[batch, pos, d] -> [batch, d]``."""
-
-    def __init__(self, cfg: ViTConfig):
-        super().__init__()
-        d, h = cfg.d_model, cfg.n_heads
-        self.n_heads, self.d_head = h, d // h
-        self.latent = nn.Parameter(torch.zeros(1, d))
-        self.q = nn.Linear(d, d, bias=True)
-        self.kv = nn.Linear(d, 2 * d, bias=True)
-        self.proj = nn.Linear(d, d)
-        self.norm = LayerNorm(d, cfg.eps, "batch latent d_model")
-        hidden = int(d * cfg.map_mlp_ratio)
-        self.mlp = MLP(cfg.replace(d_mlp=hidden, mlp_kind="mlp", mlp_bias=True),
-                       lead="batch latent", aliases=False)
-
-    def forward(self, x: Float[Tensor, "batch pos d"]) -> Float[Tensor, "batch d"]:
-        b, n, d = x.shape
-        h, dh = self.n_heads, self.d_head
-        q = self.q(self.latent).reshape(1, 1, h, dh).transpose(1, 2).expand(b, -1, -1, -1)
-        k, v = self.kv(x).reshape(b, n, 2, h, dh).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d)
-        out = self.proj(out)
-        out = out + self.mlp(self.norm(out))
-        return out[:, 0]
 
 
 def init_weights_(module: nn.Module, std: float = 0.02) -> None:
@@ -467,3 +478,6 @@ def init_weights_(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(p)
         else:
             nn.init.trunc_normal_(p, std=std if p.dim() > 1 else 1 / math.sqrt(p.shape[-1]))
+    for m in module.modules():
+        if isinstance(m, nn.LayerNorm):  # torch LayerNorms (the CoCa pooler's query norm)
+            m.reset_parameters()

@@ -17,7 +17,7 @@ from transformer_lens import HookedRootModule
 from patchlens.checks import all_finite, is_int
 from patchlens.errors import InputError, unknown_hook_error
 from patchlens.model.cache import ViTActivationCache
-from patchlens.model.components import AttentionPool, Block, Embed, LayerNorm, init_weights_
+from patchlens.model.components import Block, Embed, LayerNorm, init_weights_
 from patchlens.model.config import ViTConfig
 from patchlens.model.hooks import (
     OPTION_FLAGS,
@@ -30,6 +30,8 @@ from patchlens.model.hooks import (
     spec_of,
 )
 from patchlens.model.layout import TokenLayout
+from patchlens.model.pooling import AttentionalPooler, AttentionPool
+from patchlens.model.rotary import RotaryTables, Rotation
 from patchlens.model.weights import WeightViews
 
 ReturnType = Literal["logits", "pooled", "resid", None]
@@ -62,15 +64,20 @@ class HookedViT(WeightViews, HookedRootModule):
                                                          alias="ln_pre")})
         else:
             self.hook_ln_pre = None
+        self.rotary = RotaryTables(cfg) if cfg.rope else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         post_pool = cfg.final_norm == "post_pool"
+        pools = {"map": AttentionPool, "coca": AttentionalPooler}
+        if post_pool:  # modules are registered in forward order (the hook schema's order)
+            self.attn_pool = pools[cfg.pooling](cfg) if cfg.pooling in pools else None
         self.ln_final = (
             LayerNorm(cfg.d_pooled if post_pool else cfg.d_model, cfg.eps,
                       "batch d_pooled" if post_pool else resid)
             if cfg.final_norm != "none"
             else None
         )
-        self.attn_pool = AttentionPool(cfg) if cfg.pooling == "map" else None
+        if not post_pool:
+            self.attn_pool = pools[cfg.pooling](cfg) if cfg.pooling in pools else None
         pooled = {"hook_pooled": HookDecl("batch d_pooled", "pooled features fed to the head",
                                           alias="pooled")}
         if cfg.distilled:
@@ -89,7 +96,8 @@ class HookedViT(WeightViews, HookedRootModule):
         normalisation (``cfg.zeroshot``), the classification head(s) and ``hook_logits``."""
         cfg = self.cfg
         zs = cfg.zeroshot
-        self.image_proj = (nn.Linear(cfg.d_pooled, zs["embed_dim"], bias=False)
+        self.image_proj = (nn.Linear(cfg.d_pooled, zs["embed_dim"],
+                                     bias=bool(zs.get("image_proj_bias", False)))
                            if zs and zs["image_proj"] else None)
         if zs:
             declare_hooks(self, {
@@ -135,6 +143,8 @@ class HookedViT(WeightViews, HookedRootModule):
                 self.head.bias.copy_(head.bias)
             if image_proj is not None:
                 self.image_proj.weight.copy_(image_proj.weight)
+                if image_proj.bias is not None:
+                    self.image_proj.bias.copy_(image_proj.bias)
         self.setup()
 
     # ---- hook schema ------------------------------------------------------------------------
@@ -304,6 +314,24 @@ class HookedViT(WeightViews, HookedRootModule):
             resid = self.hook_ln_pre(self.ln_pre(resid))
         return resid
 
+    def rotation(self, resid: Float[Tensor, "batch pos d"],
+                 grid: tuple[int, int] | None = None) -> Rotation:
+        """The rotary tables for ``resid``'s patch grid (``grid``, or found from the number of
+        patch tokens as `forward` describes); cached per grid, dtype and device."""
+        n_patches = resid.shape[1] - self.cfg.n_prefix
+        if grid is None:
+            grid = self.rotary.grid_for(n_patches)
+            if grid is None:
+                raise InputError(
+                    f"Cannot tell the patch grid of a residual stream with {n_patches} patch "
+                    "tokens (not the native grid and no recent image of that size); pass "
+                    "grid=(rows, cols) with start_at_layer."
+                )
+        elif grid[0] * grid[1] != n_patches:
+            raise InputError(f"grid={tuple(grid)} has {grid[0] * grid[1]} patches but the "
+                             f"residual stream has {n_patches} patch tokens.")
+        return self.rotary.tables(grid, resid.dtype, resid.device)
+
     def pool(self, resid: Float[Tensor, "batch pos d"]) -> tuple[Tensor, Tensor | None]:
         """Final norm and pooling of the residual stream after the last block: returns the
         pooled features (``hook_pooled``, ``[batch, d_pooled]``) and, for distilled models, the
@@ -313,14 +341,19 @@ class HookedViT(WeightViews, HookedRootModule):
         if self.ln_final is not None and cfg.final_norm == "pre_pool":
             resid = self.ln_final(resid)
         n_prefix = cfg.n_prefix
+        tokens = resid if cfg.pool_include_prefix else resid[:, n_prefix:]
         if cfg.pooling == "token":
             pooled = resid[:, 0]
         elif cfg.pooling == "avg":
-            pooled = resid[:, n_prefix:].mean(dim=1)
+            pooled = tokens.mean(dim=1)
+        elif cfg.pooling == "max":
+            pooled = tokens.amax(dim=1)
+        elif cfg.pooling == "avgmax":
+            pooled = 0.5 * (tokens.amax(dim=1) + tokens.mean(dim=1))
         elif cfg.pooling == "token_avg":
             pooled = torch.cat([resid[:, 0], resid[:, n_prefix:].mean(dim=1)], dim=-1)
-        elif cfg.pooling == "map":
-            pooled = self.attn_pool(resid[:, n_prefix:])
+        elif cfg.pooling in ("map", "coca"):
+            pooled = self.attn_pool(tokens)
         else:
             return resid, None
         pooled = self.hook_pooled(post_norm(pooled) if post_norm is not None else pooled)
@@ -348,6 +381,7 @@ class HookedViT(WeightViews, HookedRootModule):
         return_type: ReturnType = "logits",
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> Tensor | None:
         """Run the model.
 
@@ -358,6 +392,9 @@ class HookedViT(WeightViews, HookedRootModule):
                 (the residual stream after the last block run) or None.
             start_at_layer: skip the embedding and blocks before this layer.
             stop_at_layer: stop before this block and return the residual stream entering it.
+            grid: rotary models with ``start_at_layer``: the patch grid (rows, cols) of the
+                residual stream; by default the most recent grid with that many patches (the
+                one of the last image forward pass), else the native grid.
         """
         if return_type not in RETURN_TYPES:
             hint = (" A classifier's loss needs labels: compute it from the logits, e.g. "
@@ -370,6 +407,8 @@ class HookedViT(WeightViews, HookedRootModule):
         if start_at_layer is None:
             self.check_images(x)
             self._warn_if_unnormalised(x)
+            ph, pw = self.cfg.patch_size
+            grid = (x.shape[-2] // ph, x.shape[-1] // pw)
             resid = self.embed_images(x)
         else:
             if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.cfg.d_model:
@@ -379,8 +418,11 @@ class HookedViT(WeightViews, HookedRootModule):
                     f"{self.cfg.d_model}], got {shape}."
                 )
             resid = x
+        rope = None
+        if self.rotary is not None and (start < stop or start_at_layer is None):
+            rope = self.rotation(resid, grid)  # an image pass records its grid for resuming
         for block in self.blocks[start:stop]:
-            resid = block(resid)
+            resid = block(resid, rope)
         if stop_at_layer is not None or return_type == "resid":
             return resid
         pooled, pooled_dist = self.pool(resid)

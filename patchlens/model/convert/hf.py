@@ -20,6 +20,10 @@ Supported architectures and what the converted model returns (``model(x)``):
   ``CLIPForImageClassification``: logits on the mean of the patch tokens.
 - ``SiglipVisionModel`` / ``SiglipModel`` (image tower): the attention-pooled ``pooler_output``;
   ``SiglipForImageClassification``: logits on the mean of all tokens.
+- ``DINOv3ViTModel``: ``pooler_output`` (the LayerNorm'd CLS token), with register tokens, no
+  absolute position embedding and rotary q / k (``rope="hf_dinov3"``, any image size);
+  ``DINOv3ViTBackbone`` converts to the same model (its feature maps are
+  ``ln_final.hook_normalized`` without the prefix tokens, reshaped to the patch grid).
 
 Position embeddings: Dinov2 resamples whenever the patch grid differs from the native one (so
 the converted model takes any multiple of the patch size); the other families only do so with
@@ -66,6 +70,8 @@ ARCHITECTURES: dict[str, tuple[str, str | None]] = {
     "SiglipVisionModel": ("siglip", None),
     "SiglipModel": ("siglip", None),
     "SiglipForImageClassification": ("siglip", "classifier"),
+    "DINOv3ViTModel": ("dinov3_vit", None),
+    "DINOv3ViTBackbone": ("dinov3_vit", None),
 }
 _DEFAULT_ARCH = {
     "vit": "ViTModel",
@@ -76,12 +82,13 @@ _DEFAULT_ARCH = {
     "clip": "CLIPModel",
     "siglip_vision_model": "SiglipVisionModel",
     "siglip": "SiglipModel",
+    "dinov3_vit": "DINOv3ViTModel",
 }
 _FAMILY = {
     "vit": "vit", "deit": "deit", "dinov2": "dinov2",
     "dinov2_with_registers": "dinov2_with_registers",
     "clip_vision_model": "clip", "clip": "clip",
-    "siglip_vision_model": "siglip", "siglip": "siglip",
+    "siglip_vision_model": "siglip", "siglip": "siglip", "dinov3_vit": "dinov3_vit",
 }
 _HINTS = {
     "swin": "Swin uses shifted-window attention with relative position biases.",
@@ -91,8 +98,16 @@ _HINTS = {
     "vit_mae": "ViT-MAE randomly masks patches in its forward pass.",
     "vit_msn": "convert it as a plain ViT state dict if its forward matches ViTModel.",
     "vit_hybrid": "its patch embedding is a CNN backbone.",
-    "dinov3_vit": "DINOv3 uses rotary position embeddings.",
     "convnext": "it is not a transformer.",
+    "aimv2_vision_model": "AIMv2 uses RMSNorm (and an RMS-normed patch embedding).",
+    "siglip2_vision_model": "SigLIP 2 (NaFlex) packs variable-resolution patch sequences with a "
+                            "per-image resized position embedding and attention masks.",
+    "ijepa": "I-JEPA has no class token (its encoder outputs patch tokens only).",
+    "hiera": "Hiera is a hierarchical transformer with pooling stages.",
+    "levit": "LeViT is a convolutional hybrid with attention biases.",
+    "pvt_v2": "PVTv2 is a pyramid transformer with spatial-reduction attention.",
+    "yolos": "YOLOS appends detection tokens and predicts boxes.",
+    "vitdet": "ViTDet uses windowed attention and relative position embeddings.",
 }
 _ACTS = {
     "gelu": "gelu", "gelu_python": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -110,6 +125,7 @@ _DATA = {
     "dinov2_with_registers": (IMAGENET, "shortest", "bicubic", 224 / 256),
     "clip": (OPENAI_CLIP, "shortest", "bicubic", 1.0),
     "siglip": (HALF, "exact", "bicubic", 1.0),
+    "dinov3_vit": (IMAGENET, "exact", "bilinear", 1.0),
 }
 _WRAPPERS = ("vit.", "deit.", "dinov2_with_registers.", "dinov2.", "vision_model.")
 _DROP = re.compile(
@@ -172,6 +188,7 @@ def hf_config(obj: Any, architecture: str | None = None, source: str = "") -> Vi
     d_head = getattr(config, "head_dim", None) or d // n_heads
     image, patch = as_pair(config.image_size), as_pair(config.patch_size)
     dinov2 = family.startswith("dinov2")
+    dinov3 = family == "dinov3_vit"
     if dinov2:
         d_mlp = int(d * config.mlp_ratio)
         if config.use_swiglu_ffn:  # HF Dinov2SwiGLUFFN: 2/3 of the MLP width, rounded up to 8
@@ -216,6 +233,19 @@ def hf_config(obj: Any, architecture: str | None = None, source: str = "") -> Vi
     if head is not None and n_classes == 0 and head != "classifier":
         raise UnsupportedModelError(f"{arch}: a head with 0 outputs is not supported.")
     mean_std, resize, interp, crop = _DATA[family]
+    mlp_kind = "swiglu" if dinov2 and config.use_swiglu_ffn else "mlp"
+    extra_fields: dict[str, Any] = {"qkv_bias": bool(getattr(config, "qkv_bias", True))}
+    if dinov3:
+        mlp_kind = ("swiglu" if act == "silu" else "glu") if config.use_gated_mlp else "mlp"
+        n_registers, n_pos_prefix = config.num_register_tokens, 0
+        extra_fields = dict(
+            pos_embed=False, rope="hf_dinov3", rope_temperature=float(config.rope_theta),
+            rope_rotate_half=True, rope_precision="model",
+            qkv_bias=bool(config.query_bias or config.key_bias or config.value_bias),
+            proj_bias=bool(config.proj_bias), mlp_bias=bool(config.mlp_bias),
+        )
+        if config.hidden_size % config.num_attention_heads:
+            raise UnsupportedModelError(f"{arch}: hidden_size not divisible by the heads.")
     return ViTConfig(
         d_model=d,
         d_head=d_head,
@@ -234,12 +264,11 @@ def hf_config(obj: Any, architecture: str | None = None, source: str = "") -> Vi
         pos_interp={"dinov2": "hf_dinov2", "dinov2_with_registers": "hf_dinov2_reg"}.get(
             family, "hf_vit"
         ),
-        dynamic_img_size=dinov2,
+        dynamic_img_size=dinov2 or dinov3,
         patch_bias=family != "clip",
         pre_norm=family == "clip",
-        qkv_bias=bool(getattr(config, "qkv_bias", True)),
-        layer_scale=dinov2,
-        mlp_kind="swiglu" if dinov2 and config.use_swiglu_ffn else "mlp",
+        layer_scale=dinov2 or dinov3,
+        mlp_kind=mlp_kind,
         pooling=pooling,
         final_norm=final_norm,
         n_classes=n_classes,
@@ -252,6 +281,7 @@ def hf_config(obj: Any, architecture: str | None = None, source: str = "") -> Vi
         data_resize=resize,
         source=source or f"hf:{getattr(top, '_name_or_path', '') or arch}",
         extra={"hf_architecture": arch},
+        **extra_fields,
     )
 
 
@@ -286,7 +316,7 @@ def _normalise_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             if m:
                 key = repl(m)
                 break
-        key = re.sub(r"^encoder\.layers?\.", "layers.", key)
+        key = re.sub(r"^(?:encoder|model)\.layers?\.", "layers.", key)
         out[key] = v
     return out
 
@@ -320,8 +350,10 @@ def convert_hf_state_dict(
         (rf"{blk}\.(?:attention|self_attn)\.(?:o_proj|out_proj)\.(\w+)", r"blocks.\1.attn.proj.\2"),
         (rf"{blk}\.mlp\.(fc1|fc2)\.(\w+)", r"blocks.\1.mlp.\2.\3"),
         (rf"{blk}\.mlp\.down_proj\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+        *([(rf"{blk}\.mlp\.up_proj\.(\w+)", r"blocks.\1.mlp.fc1.\2")]
+          if cfg.mlp_kind == "mlp" else []),
         (rf"{blk}\.layer_scale(\d)\.lambda1", r"blocks.\1.ls\2.gamma"),
-        *layer_norm_keys(r"(?:layernorm|post_layernorm)->ln_final"),
+        *layer_norm_keys(r"(?:layernorm|post_layernorm|norm)->ln_final"),
         (r"head\.probe", "attn_pool.latent"),
         (r"head\.attention\.out_proj\.(\w+)", r"attn_pool.proj.\1"),
         *layer_norm_keys(r"head\.layernorm->attn_pool.norm"),
@@ -336,7 +368,8 @@ def convert_hf_state_dict(
         elif k == "embeddings.distillation_token":
             out["embed.dist_token" if cfg.distilled else "embed.reg_tokens"] = v.reshape(1, -1)
         elif k == "embeddings.register_tokens":
-            out["embed.reg_tokens"] = v.reshape(-1, v.shape[-1])
+            if v.numel():  # DINOv3 keeps an empty parameter without registers
+                out["embed.reg_tokens"] = v.reshape(-1, v.shape[-1])
         elif k in ("embeddings.position_embeddings", "embeddings.position_embedding.weight"):
             out["embed.pos_embed"] = v.reshape(-1, v.shape[-1])
         elif k == "attn_pool.latent":
@@ -347,11 +380,28 @@ def convert_hf_state_dict(
             out[f"attn_pool.q.{kind}"], out[f"attn_pool.kv.{kind}"] = v[:d], v[d:]
         else:
             out[k] = v
+    _zero_missing_biases(out, r"layers\.(\d+)\.(?:attention|self_attn)\.([qkv])_proj\.")
     _fuse(out, r"layers\.(\d+)\.(?:attention|self_attn)\.([qkv])_proj\.(weight|bias)",
           ("q", "k", "v"), "blocks.{}.attn.qkv.{}")
     _fuse(out, r"layers\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)", ("gate", "up"),
           "blocks.{}.mlp.fc1.{}")
     return out
+
+
+def _zero_missing_biases(sd: dict[str, Tensor], prefix: str) -> None:
+    """In place: where some of a layer's q / k / v projections have a bias and others not
+    (DINOv3: no key bias), give the others a zero bias so the three fuse into one."""
+    layers: dict[str, dict[str, str]] = {}
+    for k in list(sd):
+        m = re.fullmatch(prefix + r"(weight|bias)", k)
+        if m:
+            layers.setdefault(m[1], {})[f"{m[2]}.{m[3]}"] = k
+    for keys in layers.values():
+        if any(k.endswith(".bias") for k in keys):
+            for part in "qkv":
+                if f"{part}.bias" not in keys and f"{part}.weight" in keys:
+                    w = sd[keys[f"{part}.weight"]]
+                    sd[keys[f"{part}.weight"][: -len("weight")] + "bias"] = w.new_zeros(w.shape[0])
 
 
 def _fuse(sd: dict[str, Tensor], pattern: str, parts: tuple[str, ...], target: str) -> None:

@@ -14,14 +14,20 @@ Two tower kinds are converted exactly:
 
 ``model(x)`` equals ``clip.encode_image(x)`` (unnormalised image features). `from_open_clip`
 also records open_clip's eval preprocessing (mean/std, interpolation, resize mode) in the config.
-Unsupported towers (``ModifiedResNet``, timm CNNs, attention poolers, scaled-cosine attention,
-...) raise `UnsupportedModelError` naming the tower or feature.
+The NormFormer-style norms of ``CustomResidualAttentionBlock`` (``scale_attn_inner``,
+``scale_fc``) become ``attn.norm`` / ``mlp.norm``; CoCa's ``AttentionalPooler`` (with
+``pool_type="tok"``) becomes ``pooling="coca"``. ``TimmModel`` towers around a timm ``Eva``
+(``EVA02-*``, ``PE-Core-*``) go through the Eva converter; their trunk's linear head (with a
+bias) is the image projection.
+Unsupported towers (``ModifiedResNet``, timm CNNs, CoCa's parallel / cascade poolers,
+scaled-cosine attention, ...) raise `UnsupportedModelError` naming the tower or feature.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from patchlens.errors import UnknownModelError, UnsupportedModelError
@@ -59,8 +65,9 @@ def _layer_norm_eps(m: nn.Module, where: str) -> float:
     return float(m.eps)
 
 
-def _check_block(blk: nn.Module) -> tuple[bool, bool]:
-    """Raise for block features patchlens cannot reproduce; return (qkv_bias, qk_norm)."""
+def _block_fields(blk: nn.Module) -> dict[str, Any]:
+    """Raise for block features patchlens cannot reproduce; return the block's config fields
+    (``qkv_bias``, ``qk_norm``, ``attn_norm``, ``mlp_norm``)."""
     kind = type(blk).__name__
     if kind == "ResidualAttentionBlock":
         attn = blk.attn
@@ -68,24 +75,53 @@ def _check_block(blk: nn.Module) -> tuple[bool, bool]:
             raise UnsupportedModelError("open_clip block attention with separate q/k/v dims.")
         if hasattr(blk, "ln_1_kv"):
             raise UnsupportedModelError("open_clip cross-attention blocks are not supported.")
-        return attn.in_proj_bias is not None, False
+        return dict(qkv_bias=attn.in_proj_bias is not None)
     if kind == "CustomResidualAttentionBlock":
         attn = blk.attn
         unsupported = [
             ("scaled_cosine_attn", attn.logit_scale is not None),
             ("scale_heads", attn.head_scale is not None),
-            ("scale_attn_inner", not is_identity(attn.ln_inner)),
             ("scale_attn", not is_identity(blk.ln_attn)),
-            ("scale_fc", not is_identity(blk.mlp.ln)),
         ]
         bad = [name for name, on in unsupported if on]
         if bad:
             raise UnsupportedModelError(
                 f"open_clip CustomResidualAttentionBlock with {', '.join(bad)} is not supported "
-                "(patchlens reproduces plain pre-norm blocks, optionally with qk_norm)."
+                "(patchlens reproduces pre-norm blocks, optionally with qk_norm, "
+                "scale_attn_inner and scale_fc)."
             )
-        return attn.in_proj_bias is not None, not is_identity(attn.ln_q)
+        for name, norm in (("scale_attn_inner", attn.ln_inner), ("scale_fc", blk.mlp.ln)):
+            if not is_identity(norm):
+                _layer_norm_eps(norm, name)
+        return dict(qkv_bias=attn.in_proj_bias is not None, qk_norm=not is_identity(attn.ln_q),
+                    attn_norm=not is_identity(attn.ln_inner),
+                    mlp_norm=not is_identity(blk.mlp.ln))
     raise UnsupportedModelError(f"open_clip block class {kind} is not supported.")
+
+
+def _coca_pool_fields(tower: nn.Module) -> dict[str, Any]:
+    """Config fields of CoCa's ``AttentionalPooler`` (open_clip's original setup: one pooler,
+    ``pool_type="tok"``: the first query's output is the pooled feature)."""
+    if tower.attn_pool_contrastive is not None:
+        raise UnsupportedModelError(
+            f"open_clip VisionTransformer with attentional_pool={tower.attn_pool_type!r} "
+            "(two poolers) is not supported; the single AttentionalPooler is."
+        )
+    if tower.pool_type != "tok":
+        raise UnsupportedModelError(
+            f"open_clip AttentionalPooler with pool_type={tower.pool_type!r} is not supported "
+            "(pool_type='tok', CoCa's default, reads its first query)."
+        )
+    ap = tower.attn_pool
+    mha = ap.attn
+    if mha.in_proj_bias is None or mha.out_proj.bias is None or mha.bias_k is not None:
+        raise UnsupportedModelError("open_clip AttentionalPooler without q/k/v biases or with "
+                                    "added k/v biases is not supported.")
+    eps = _layer_norm_eps(ap.ln_k, "attn_pool.ln_k")
+    if _layer_norm_eps(ap.ln_q, "attn_pool.ln_q") != eps:
+        raise UnsupportedModelError("open_clip AttentionalPooler with different norm eps.")
+    return dict(pooling="coca", pool_include_prefix=True, map_n_heads=mha.num_heads,
+                pool_dim=ap.query.shape[1], final_norm="post_pool")
 
 
 def preprocess_fields(tower: nn.Module, obj: Any = None) -> dict[str, Any]:
@@ -126,15 +162,10 @@ def open_clip_config(obj: Any, source: str = "") -> ViTConfig:
         }.get(kind, "")
         raise UnsupportedModelError(
             f"open_clip image tower {kind}{hint} is not supported; patchlens converts open_clip's "
-            "VisionTransformer and TimmModel towers wrapping a timm VisionTransformer."
+            "VisionTransformer and TimmModel towers wrapping a timm VisionTransformer or Eva."
         )
-    if tower.attn_pool is not None:
-        raise UnsupportedModelError(
-            "open_clip VisionTransformer with attentional_pool (AttentionalPooler, CoCa-style) is "
-            "not supported: its multi-query pooler over all tokens has no exact patchlens "
-            "equivalent."
-        )
-    if tower.pool_type not in ("tok", "avg"):
+    coca = _coca_pool_fields(tower) if tower.attn_pool is not None else {}
+    if not coca and tower.pool_type not in ("tok", "avg"):
         raise UnsupportedModelError(
             f"open_clip VisionTransformer with pool_type={tower.pool_type!r} (no pooled output) "
             "is not supported; use pool_type 'tok' or 'avg'."
@@ -143,7 +174,7 @@ def open_clip_config(obj: Any, source: str = "") -> ViTConfig:
     blk = blocks[0]
     if any(type(b) is not type(blk) for b in blocks):
         raise UnsupportedModelError("open_clip towers mixing block types are not supported.")
-    qkv_bias, qk_norm = _check_block(blk)
+    block = _block_fields(blk)
     eps = _layer_norm_eps(blk.ln_1, "transformer.resblocks.0.ln_1")
     width = tower.conv1.out_channels
     heads = blk.attn.num_heads
@@ -162,7 +193,7 @@ def open_clip_config(obj: Any, source: str = "") -> ViTConfig:
         d_mlp=blk.mlp.c_fc.out_features,
         eps=eps,
         act_fn=activation_name(blk.mlp.gelu, 'open_clip'),
-        image_size=(grid[0] * patch[0], grid[1] * patch[1]),
+        image_size=tuple(tower.image_size),  # the input size (the grid drops a remainder)
         patch_size=patch,
         in_channels=tower.conv1.in_channels,
         class_token=True,
@@ -170,13 +201,12 @@ def open_clip_config(obj: Any, source: str = "") -> ViTConfig:
         pos_interp=None,
         patch_bias=tower.conv1.bias is not None,
         pre_norm=not is_identity(tower.ln_pre),
-        qkv_bias=qkv_bias,
-        qk_norm=qk_norm,
+        **block,
         proj_bias=blk.attn.out_proj.bias is not None,
         layer_scale=not is_identity(blk.ls_1),
         mlp_bias=blk.mlp.c_fc.bias is not None,
-        pooling=pooling,
-        final_norm="post_pool" if after else "pre_pool",  # as open_clip: ln_post on all tokens
+        **(coca or dict(pooling=pooling,  # as open_clip: ln_post on all tokens unless after
+                        final_norm="post_pool" if after else "pre_pool")),
         n_classes=0 if proj is None else proj.shape[1],
         head_bias=False,
         source=source or "open_clip:VisionTransformer",
@@ -206,7 +236,7 @@ def _timm_tower_config(tower: nn.Module, source: str, data: dict[str, Any]) -> V
             "open_clip TimmModel with an MLP projection (timm_proj='mlp') is not supported; "
             "patchlens converts the linear projection (timm_proj='linear') and trunk heads."
         )
-    changes: dict[str, Any] = dict(extra={"open_clip_tower": "TimmModel"}, **data)
+    changes: dict[str, Any] = dict(extra={**cfg.extra, "open_clip_tower": "TimmModel"}, **data)
     if "proj" in head:
         if cfg.n_classes:
             raise UnsupportedModelError("open_clip TimmModel with two stacked heads.")
@@ -236,6 +266,10 @@ def convert_open_clip_state_dict(
         (rf"{blk}\.attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
         *layer_norm_keys(rf"{blk}\.attn\.ln_q->blocks.\1.attn.q_norm"),
         *layer_norm_keys(rf"{blk}\.attn\.ln_k->blocks.\1.attn.k_norm"),
+        *layer_norm_keys(rf"{blk}\.attn\.ln_inner->blocks.\1.attn.norm"),
+        *layer_norm_keys(rf"{blk}\.mlp\.ln->blocks.\1.mlp.norm"),
+        *layer_norm_keys(r"attn_pool\.ln_k->attn_pool.ln_k"),
+        (r"attn_pool\.attn\.out_proj\.(weight|bias)", r"attn_pool.proj.\1"),
         (rf"{blk}\.ls_(\d)\.gamma", r"blocks.\1.ls\2.gamma"),
         (rf"{blk}\.mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
         (rf"{blk}\.mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
@@ -252,7 +286,22 @@ def convert_open_clip_state_dict(
                 out["head.weight"] = v.T
         else:
             out[k] = v
+    if cfg.pooling == "coca":
+        _convert_coca_pool(out)
     return out
+
+
+def _convert_coca_pool(sd: dict[str, Tensor]) -> None:
+    """In place: the AttentionalPooler's first query, its q projection and fused k / v."""
+    sd["attn_pool.latent"] = sd.pop("attn_pool.query")[:1]
+    bias = sd.pop("attn_pool.attn.in_proj_bias")
+    out = bias.shape[0] // 3
+    if "attn_pool.attn.in_proj_weight" in sd:
+        wq, wk, wv = sd.pop("attn_pool.attn.in_proj_weight").split(out, dim=0)
+    else:
+        wq, wk, wv = (sd.pop(f"attn_pool.attn.{n}_proj_weight") for n in "qkv")
+    sd["attn_pool.q.weight"], sd["attn_pool.q.bias"] = wq, bias[:out]
+    sd["attn_pool.kv.weight"], sd["attn_pool.kv.bias"] = torch.cat([wk, wv]), bias[out:]
 
 
 def _convert_timm_tower(sd: dict[str, Tensor], cfg: ViTConfig) -> dict[str, Tensor]:

@@ -1,48 +1,49 @@
-"""timm ``VisionTransformer`` family -> (`ViTConfig`, patchlens state dict).
+"""timm ``VisionTransformer`` and ``Eva`` families -> (`ViTConfig`, patchlens state dict).
 
 The converter is two pure functions: `timm_config` reads the architecture off a timm model and
-`convert_timm_state_dict` renames a timm state dict; `from_timm` glues them to a model.
+`convert_timm_state_dict` renames a timm state dict; `from_timm` glues them to a model. timm's
+``Eva`` class (EVA, EVA-02, DINOv3, Perception Encoder, RoPE-ViTs) is read by
+`patchlens.model.convert.eva`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from patchlens.errors import UnknownModelError, UnsupportedModelError
 from patchlens.model.config import ViTConfig
-from patchlens.model.convert.common import activation_name, is_identity, layer_norm_keys, rename
-
-_NORMS = ("norm_pre", "norm", "fc_norm")
-
-
-def _check_layer_norm(m: nn.Module, where: str) -> float:
-    if not isinstance(m, nn.LayerNorm):
-        raise UnsupportedModelError(
-            f"{where} is a {type(m).__name__}; patchlens converts LayerNorm models only."
-        )
-    if m.weight is None:
-        raise UnsupportedModelError(f"{where} has no affine weight (elementwise_affine=False).")
-    return float(m.eps)
+from patchlens.model.convert.common import is_identity, layer_norm_keys, rename
+from patchlens.model.convert.eva import convert_eva_state_dict, eva_config
+from patchlens.model.convert.timm_layers import (
+    act_fields,
+    attention_pool_fields,
+    check_layer_norm,
+    data_config,
+    fuse_mlp_keys,
+    mlp_fields,
+    optional_norm,
+)
 
 
 def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
-    """Read a `ViTConfig` off a timm VisionTransformer; raise `UnsupportedModelError` naming the
-    first feature patchlens cannot reproduce exactly."""
+    """Read a `ViTConfig` off a timm VisionTransformer or Eva; raise `UnsupportedModelError`
+    naming the first feature patchlens cannot reproduce exactly."""
     from timm.layers import PatchEmbed
     from timm.layers.attention import Attention as TimmAttention
-    from timm.layers.mlp import Mlp
     from timm.models.vision_transformer import VisionTransformer
 
     kind = type(model).__name__
+    if kind == "Eva":
+        return eva_config(model, source)
     if not isinstance(model, VisionTransformer):
+        hint = _feature_hint(kind)
         raise UnsupportedModelError(
-            f"timm model class {kind} is not a VisionTransformer; patchlens supports timm's "
-            "VisionTransformer family (vit_*, deit_*, deit3_*, CLIP/SigLIP-style ViTs). "
-            f"{_feature_hint(kind)}"
+            f"timm model class {kind} is not supported{': ' + hint if hint else ''}; patchlens "
+            "converts timm's VisionTransformer family (vit_*, deit_*, deit3_*, CLIP/SigLIP-style "
+            "ViTs) and Eva (EVA-02, DINOv3, Perception Encoder)."
         )
     if type(model).__name__ not in ("VisionTransformer", "VisionTransformerDistilled"):
         raise UnsupportedModelError(f"timm class {kind} changes the ViT forward pass; not supported.")
@@ -61,51 +62,42 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
     if not is_identity(getattr(model, "patch_drop", None)) and model.training:
         raise UnsupportedModelError("patch dropout is not supported.")
     blk = model.blocks[0]
+    if type(blk).__name__ != "Block":
+        raise UnsupportedModelError(f"block class {type(blk).__name__} is not supported (parallel "
+                                    "or post-norm blocks change the residual stream).")
     attn = blk.attn
     if type(attn) is not TimmAttention:
         raise UnsupportedModelError(
             f"attention class {type(attn).__name__} is not supported (relative position or rotary "
             "attention changes the math)."
         )
-    if not is_identity(attn.norm) or getattr(attn, "gate", None) is not None:
-        raise UnsupportedModelError("attention output norm (scale_norm) or gating is not supported.")
-    if type(blk.mlp) is not Mlp or not is_identity(getattr(blk.mlp, "norm", None)):
-        raise UnsupportedModelError(f"MLP class {type(blk.mlp).__name__} is not supported.")
-    if type(blk).__name__ != "Block":
-        raise UnsupportedModelError(f"block class {type(blk).__name__} is not supported.")
-    eps = _check_layer_norm(blk.norm1, "blocks.0.norm1")
+    if getattr(attn, "gate", None) is not None:
+        raise UnsupportedModelError("gated attention (a sigmoid gate on the attention output) is "
+                                    "not supported.")
+    eps = check_layer_norm(blk.norm1, "blocks.0.norm1")
+    mlp = mlp_fields(blk.mlp)
 
     distilled = kind == "VisionTransformerDistilled"
     pool = model.global_pool
     has_fc_norm = not is_identity(model.fc_norm)
     has_norm = not is_identity(model.norm)
-    if pool not in ("token", "avg", "map", ""):
-        raise UnsupportedModelError(f"global_pool={pool!r} is not supported (token, avg, map, '').")
-    if getattr(model, "pool_include_prefix", False):
-        raise UnsupportedModelError("pool_include_prefix=True is not supported.")
-    if pool == "map":
-        ap = model.attn_pool
-        if type(ap).__name__ != "AttentionPoolLatent" or ap.pos_embed is not None or ap.latent_len != 1:
-            raise UnsupportedModelError("attention pool variant (pos_embed or several latents) is not supported.")
-        if ap.pool != "token" or not is_identity(ap.q_norm) or ap.mlp is None:
-            raise UnsupportedModelError("attention pool without its MLP, with q/k norm or mean pool is not supported.")
+    if pool not in ("token", "avg", "avgmax", "max", "map", ""):
+        raise UnsupportedModelError(f"global_pool={pool!r} is not supported (token, avg, max, "
+                                    "avgmax, map, '').")
+    pool_fields = attention_pool_fields(model.attn_pool, model.embed_dim) if pool == "map" else {}
+    pool_act = pool_fields.pop("pool_act", None)
     final_norm = "post_pool" if has_fc_norm else ("pre_pool" if has_norm else "none")
     if has_fc_norm and has_norm:
         raise UnsupportedModelError("both norm and fc_norm present is not supported.")
-    grid = tuple(pe.grid_size)
     patch = tuple(pe.patch_size)
     n_classes = model.num_classes if not is_identity(model.head) else 0
-    d = model.embed_dim
-    n_heads = attn.num_heads
     cfg = ViTConfig(
-        d_model=d,
+        d_model=model.embed_dim,
         d_head=attn.head_dim,
-        n_heads=n_heads,
+        n_heads=attn.num_heads,
         n_layers=len(model.blocks),
-        d_mlp=blk.mlp.fc1.out_features,
         eps=eps,
-        act_fn=activation_name(blk.mlp.act),
-        image_size=(grid[0] * patch[0], grid[1] * patch[1]),
+        image_size=tuple(pe.img_size),  # the source's input size (the grid drops a remainder)
         patch_size=patch,
         in_channels=pe.proj.in_channels,
         class_token=model.cls_token is not None,
@@ -119,54 +111,47 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
         qkv_bias=attn.qkv.bias is not None,
         qk_norm=not is_identity(attn.q_norm),
         proj_bias=attn.proj.bias is not None,
+        attn_norm=optional_norm(attn.norm, "blocks.0.attn.norm"),
         layer_scale=not is_identity(blk.ls1),
-        mlp_bias=blk.mlp.fc1.bias is not None,
+        **act_fields(mlp, pool_act),
         pooling={"": "none"}.get(pool, pool),
+        pool_include_prefix=bool(getattr(model, "pool_include_prefix", False)),
         final_norm=final_norm,
         n_classes=n_classes,
         head_bias=n_classes == 0 or model.head.bias is not None,
-        map_mlp_ratio=(model.attn_pool.mlp.fc1.out_features / d) if pool == "map" else 4.0,
+        **pool_fields,
         source=source or f"timm:{getattr(model, 'default_cfg', {}).get('architecture', kind)}",
-        **_timm_data_config(model),
+        extra={"timm_glu_gate_last": True} if mlp["gate_last"] else {},
+        **data_config(model),
     )
     if cfg.pooling == "none" and distilled:
         raise UnsupportedModelError("a distilled model without pooling is not supported.")
     return cfg
 
 
-def _timm_data_config(model: nn.Module) -> dict[str, Any]:
-    pc = getattr(model, "pretrained_cfg", None) or {}
-    out: dict[str, Any] = {}
-    if "mean" in pc:
-        out["data_mean"] = tuple(pc["mean"])
-        out["data_std"] = tuple(pc["std"])
-    if "interpolation" in pc:
-        out["data_interpolation"] = pc["interpolation"]
-    if "crop_pct" in pc:
-        out["data_crop_pct"] = float(pc["crop_pct"])
-    return out
-
-
 def _feature_hint(kind: str) -> str:
     hints = {
-        "Eva": "Eva uses rotary position embeddings and SwiGLU blocks, which patchlens does not model.",
-        "VisionTransformerRelPos": "it uses relative position biases in attention.",
-        "VisionTransformerSAM": "it uses windowed attention with relative positions.",
-        "Beit": "it uses relative position biases in attention.",
+        "VisionTransformerRelPos": "relative position biases in attention",
+        "VisionTransformerSAM": "windowed attention with relative positions",
+        "Beit": "relative position biases in attention",
+        "NaFlexVit": "NaFlex packs variable-resolution patch sequences with its own embedding",
     }
     return hints.get(kind, "")
 
 
 def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> dict[str, Tensor]:
-    """Rename a timm VisionTransformer state dict to the patchlens layout (pure function)."""
+    """Rename a timm VisionTransformer or Eva state dict to the patchlens layout (pure
+    function; ``cfg`` from `timm_config`)."""
+    if cfg.extra.get("timm_class") == "Eva":
+        return convert_eva_state_dict(state_dict, cfg)
     final = {"pre_pool": "norm", "post_pool": "fc_norm"}.get(cfg.final_norm)
     rules = [
         (r"patch_embed\.proj\.(weight|bias)", r"embed.proj.\1"),
         *layer_norm_keys(r"norm_pre->ln_pre"),
         *layer_norm_keys(r"blocks\.(\d+)\.norm1->blocks.\1.ln1"),
         *layer_norm_keys(r"blocks\.(\d+)\.norm2->blocks.\1.ln2"),
-        *layer_norm_keys(r"blocks\.(\d+)\.attn\.q_norm->blocks.\1.attn.q_norm"),
-        *layer_norm_keys(r"blocks\.(\d+)\.attn\.k_norm->blocks.\1.attn.k_norm"),
+        *layer_norm_keys(r"blocks\.(\d+)\.attn\.(q_norm|k_norm|norm)->blocks.\1.attn.\2"),
+        *layer_norm_keys(r"blocks\.(\d+)\.mlp\.norm->blocks.\1.mlp.norm"),
         (r"blocks\.(\d+)\.ls(\d)\.gamma", r"blocks.\1.ls\2.gamma"),
         *layer_norm_keys(r"attn_pool\.norm->attn_pool.norm"),
     ]
@@ -188,6 +173,7 @@ def convert_timm_state_dict(state_dict: dict[str, Tensor], cfg: ViTConfig) -> di
             continue  # identity norms carry no parameters; nothing to drop really
         else:
             out[k] = v
+    fuse_mlp_keys(out, cfg.n_layers, bool(cfg.extra.get("timm_glu_gate_last")))
     return out
 
 
