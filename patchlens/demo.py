@@ -1,6 +1,7 @@
 """The main job (`patchlens demo`): a short, real study on a model, written to one HTML report.
 
-Predictions, an activation-patching sweep, a path-patching sweep, CAAP maps next to baselines
+Predictions, an activation-patching sweep, a path-patching sweep, a circuit (EAP-IG edge
+scores, the top-5% circuit and its faithfulness), CAAP maps next to baselines
 with deletion/insertion scores, and the divergence of the interventions; a summary on the
 terminal and a self-contained HTML report.
 """
@@ -62,8 +63,8 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
                 + ("the digit erased (filled with the median background colour)." if data is not None
                    else "a strong Gaussian blur of each image."))
 
-    steps = ["predictions", "activation patching", "path patching", "CAAP and baselines",
-             "divergence"]
+    steps = ["predictions", "activation patching", "path patching", "circuit",
+             "CAAP and baselines", "divergence"]
     with Progress(console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("study", total=len(steps))
 
@@ -106,13 +107,18 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
         report.figure(path.plot(), "normalised direct effect")
         progress.advance(task)
 
-        # 4. CAAP and baselines, with deletion / insertion
+        # 4. circuit: EAP and EAP-IG edge scores, the EAP-IG top-5% circuit, its faithfulness
+        summary["circuit"] = _circuit_section(model, clean, corrupted, pl.metrics.logit(pred),
+                                              report)
+        progress.advance(task)
+
+        # 5. CAAP and baselines, with deletion / insertion
         caap_rows = _attribution_section(model, clean, pred, clean_img, report)
         if caap_rows:
             summary["attribution"] = caap_rows
         progress.advance(task)
 
-        # 5. divergence of the interventions
+        # 6. divergence of the interventions
         div = _divergence_section(model, clean, corrupted, metric, report, seed)
         if div:
             summary["divergence"] = div
@@ -133,6 +139,9 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
     ptop = summary["path_top"][0]
     table.add_row("path patching", f"largest direct effect {ptop['value']:.2f} at head "
                   f"{ptop['layer']}.{ptop['head']}")
+    circ = summary["circuit"]
+    table.add_row("circuit", f"{circ['edges']} of {circ['graph_edges']} edges, faithfulness "
+                  f"{circ['faithfulness']:.2f}")
     for row in summary.get("attribution", []):
         table.add_row(f"attribution: {row['method']}",
                       f"deletion {row['deletion']:.3f}, insertion {row['insertion']:.3f}")
@@ -151,6 +160,24 @@ def _image_strip(clean: Tensor, corrupt: Tensor):
     fig.for_each_annotation(lambda a: a.update(text=""))
     fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False)
     return fig
+
+
+def _circuit_section(model, clean, corrupted, metric, report) -> dict[str, Any]:
+    """EAP and EAP-IG over every edge, the EAP-IG top-5% circuit (faithfulness, corrupted
+    ablation) and both methods' faithfulness curves."""
+    from patchlens import circuits
+
+    graph = circuits.Graph.from_model(model, tuple(clean.shape[-2:]))
+    scores = [circuits.edge_scores(model, clean, corrupted, metric, method=m, graph=graph)
+              for m in ("eap", "eap-ig")]
+    circuit = circuits.Circuit.top_k(scores[1], max(1, graph.n_edges // 20))
+    ev = circuits.evaluate(model, circuit, clean, corrupted, metric, progress=False)
+    ks = sorted({max(1, round(f * graph.n_edges)) for f in (0.01, 0.05, 0.1, 0.25, 0.5)})
+    curve = circuits.faithfulness_curve(model, scores, clean, corrupted, metric, ks=ks,
+                                        n_random=1, progress=False)
+    report.circuit(circuit, ev, curve, title="Circuit (EAP-IG, top 5% of the edges)")
+    return {"edges": circuit.n_edges, "graph_edges": graph.n_edges,
+            "faithfulness": ev.faithfulness, "area": curve.area}
 
 
 def _attribution_section(model, clean, pred, clean_img, report) -> list[dict]:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from patchlens.errors import InputError, close_matches
-from patchlens.model.hooks import HookSpec
+from patchlens.model.hooks import OPTION_FLAGS, HookSpec
 
 NEURON_SAMPLES = 1000  # reservoir per layer and class for neuron quantiles
 
@@ -28,8 +28,10 @@ NEURON_SAMPLES = 1000  # reservoir per layer and class for neuron quantiles
 def fingerprint(model) -> dict[str, str]:
     """Config digest and a hash of a few weights: detects a reference fitted on another model."""
     cfg = model.cfg
+    # the opt-in hook flags are run-time switches (model.options), not part of the model
     fields = {k: v for k, v in sorted(vars(cfg).items())
-              if isinstance(v, (int, float, str, bool, tuple, list, type(None)))}
+              if isinstance(v, (int, float, str, bool, tuple, list, type(None)))
+              and k not in OPTION_FLAGS}
     h = hashlib.sha256()
     params = list(model.parameters())
     for p in params[:2] + params[len(params) // 2 : len(params) // 2 + 1] + params[-2:]:
@@ -163,7 +165,8 @@ class Reference:
         n_images = 0
         names = hooks + [h for h in mlp_hooks if h not in hooks]
         p = next(model.parameters())
-        with torch.inference_mode():
+        # opt-in hooks (e.g. the split inputs "q_input", "mlp_in") fire only with their flags
+        with torch.inference_mode(), model.options(**model.options_for(names)):
             for batch in batches:
                 if isinstance(batch, (tuple, list)):
                     batch = batch[0]

@@ -186,8 +186,9 @@ class Attention(nn.Module):
             "hook_pattern": HookDecl(pattern_axes, "attention pattern (softmax of the scores)",
                                      alias="pattern", note=explicit),
             "hook_z": HookDecl(head_axes, "per-head attention output, before W_O", alias="z"),
-            "hook_result": HookDecl("batch pos head d_model", "per-head output after W_O",
-                                    opt_in="use_attn_result", alias="result"),
+            "hook_result": HookDecl("batch pos head d_model", "per-head output after W_O "
+                                    "(before LayerScale)", opt_in="use_attn_result",
+                                    alias="result"),
         })
 
     # TransformerLens weight views -------------------------------------------------------
@@ -246,7 +247,7 @@ class Attention(nn.Module):
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                v.transpose(1, 2)).transpose(1, 2)
         z = self.hook_z(z)
-        if cfg.use_attn_result:
+        if cfg.use_attn_result and is_hooked(self.hook_result):
             result = self.hook_result(torch.einsum("bphk,hkd->bphd", z, self.W_O))
             return result.sum(dim=2) + self.b_O
         return self.proj(z.reshape(b, n, h * dh))
@@ -339,7 +340,9 @@ class Block(nn.Module):
     """A pre-norm transformer block. Hooks: ``hook_resid_pre``, ``hook_attn_out``,
     ``hook_resid_mid``, ``hook_mlp_out``, ``hook_resid_post`` ``[batch, pos, d_model]``;
     ``hook_q_input|hook_k_input|hook_v_input`` ``[batch, pos, head, d_model]`` with
-    ``cfg.use_split_qkv_input``. LayerScale is applied inside ``hook_attn_out``/``hook_mlp_out``."""
+    ``cfg.use_split_qkv_input``, ``hook_mlp_in`` ``[batch, pos, d_model]`` with
+    ``cfg.use_hook_mlp_in`` (TransformerLens's opt-in receiver inputs: patching one changes only
+    what that head / MLP reads). LayerScale is applied inside ``hook_attn_out``/``hook_mlp_out``."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -364,6 +367,8 @@ class Block(nn.Module):
                                       "(LayerScale applied)", alias="attn_out"),
             "hook_resid_mid": HookDecl(resid, "residual stream between attention and MLP",
                                        alias="resid_mid"),
+            "hook_mlp_in": HookDecl(resid, "opt-in copy of resid_mid feeding the MLP (before "
+                                    "ln2)", opt_in="use_hook_mlp_in", alias="mlp_in"),
         })
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps, resid)
         self.mlp = MLP(cfg)
@@ -377,7 +382,11 @@ class Block(nn.Module):
 
     def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        if self.cfg.use_split_qkv_input:
+        # The opt-in copies run only where someone hooks them (or ln1, whose axes they change);
+        # elsewhere the fused path computes the same values (up to rounding), faster.
+        if self.cfg.use_split_qkv_input and is_hooked(
+                self.hook_q_input, self.hook_k_input, self.hook_v_input, self.ln1.hook_scale,
+                self.ln1.hook_normalized):
             per_head = resid_pre.unsqueeze(2).expand(-1, -1, self.cfg.n_heads, -1)
             inputs = [hook(per_head.clone())
                       for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)]
@@ -387,7 +396,10 @@ class Block(nn.Module):
             attn = self.attn(self.ln1(resid_pre))
         attn_out = self.hook_attn_out(self.ls1(attn) if self.ls1 is not None else attn)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp = self.mlp(self.ln2(resid_mid))
+        if self.cfg.use_hook_mlp_in and is_hooked(self.hook_mlp_in):
+            mlp = self.mlp(self.ln2(self.hook_mlp_in(resid_mid.clone())))
+        else:
+            mlp = self.mlp(self.ln2(resid_mid))
         mlp_out = self.hook_mlp_out(self.ls2(mlp) if self.ls2 is not None else mlp)
         return self.hook_resid_post(resid_mid + mlp_out)
 

@@ -153,8 +153,13 @@ class HookedViT(HookedRootModule):
 
     @property
     def hook_aliases(self) -> dict[str, dict[int | None, str]]:
-        """Short names `Site` accepts: ``alias -> {layer (None outside blocks): hook name}``."""
-        return build_aliases(self.hook_specs)
+        """Short names `Site` accepts: ``alias -> {layer (None outside blocks): hook name}``
+        (built once per schema: sweeps resolve thousands of sites)."""
+        specs = self.hook_specs
+        cached = self.__dict__.get("_aliases_cache")
+        if cached is None or cached[0] is not specs:
+            cached = self.__dict__["_aliases_cache"] = (specs, build_aliases(specs))
+        return cached[1]
 
     def hook_spec(self, name: str) -> HookSpec:
         """The `HookSpec` of hook ``name`` (`UnknownHookError` with close matches if none)."""
@@ -404,8 +409,9 @@ class HookedViT(HookedRootModule):
 
     @contextlib.contextmanager
     def options(self, **flags: bool) -> Iterator[HookedViT]:
-        """Temporarily set config flags, e.g. ``use_attn_result=True`` or
-        ``use_split_qkv_input=True`` (the opt-in hooks ``hook_result`` / ``hook_q_input``...)."""
+        """Temporarily set config flags, e.g. ``use_attn_result=True``,
+        ``use_split_qkv_input=True`` or ``use_hook_mlp_in=True`` (the opt-in hooks
+        ``hook_result`` / ``hook_q_input``... / ``hook_mlp_in``)."""
         allowed = set(OPTION_FLAGS)
         bad = set(flags) - allowed
         if bad:
@@ -424,6 +430,9 @@ class HookedViT(HookedRootModule):
 
     def set_use_split_qkv_input(self, on: bool) -> None:
         self.cfg.use_split_qkv_input = on
+
+    def set_use_hook_mlp_in(self, on: bool) -> None:
+        self.cfg.use_hook_mlp_in = on
 
     def hook_table(self, image_size: tuple[int, int] | None = None) -> list[dict[str, str]]:
         """One row per hook point: the schema (name, axes, opt-in flag, alias, what it holds)
