@@ -96,3 +96,27 @@ def test_split_inputs_run_only_where_hooked():
             split = m.run_with_hooks(x, fwd_hooks=every)
     assert torch.equal(plain, lazy)
     assert torch.allclose(split, plain, atol=1e-12)
+
+
+def test_one_hooked_split_input_equals_all_three_split():
+    """Hooking only the query input splits only the queries; the keys and values read the
+    shared stream. Same numbers as with all three inputs split (float64)."""
+    m = _model()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def edit(act, hook):
+        act = act.clone()
+        act[:, :, 2] += 0.5  # (a scale would vanish in the LayerNorm)
+        return act
+
+    def same(act, hook):
+        return act
+
+    with torch.no_grad(), m.options(use_split_qkv_input=True):
+        one = m.run_with_hooks(x, fwd_hooks=[("blocks.1.hook_q_input", edit)])
+        three = m.run_with_hooks(x, fwd_hooks=[("blocks.1.hook_q_input", edit),
+                                               ("blocks.1.hook_k_input", same),
+                                               ("blocks.1.hook_v_input", same)])
+        plain = m(x)
+    assert torch.allclose(one, three, atol=1e-12)
+    assert not torch.allclose(one, plain, atol=1e-6)

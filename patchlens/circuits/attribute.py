@@ -34,11 +34,18 @@ from patchlens.circuits.graph import Graph
 from patchlens.circuits.rewire import EdgePatch
 from patchlens.circuits.scores import EdgeScores
 from patchlens.errors import InputError
-from patchlens.metrics import Recovery, base_metric, metric_name, recovery_denominator
+from patchlens.metrics import (
+    Recovery,
+    base_metric,
+    check_metric_batch,
+    metric_name,
+    recovery_denominator,
+)
+from patchlens.patching.checks import check_finite_metric
 from patchlens.patching.engine import CPU_MAX_ROWS, Variant, capture, run_variants
 from patchlens.patching.interventions import PerVariant
 from patchlens.patching.sites import Site
-from patchlens.recipes.common import baseline_metrics, check_choice, check_pair
+from patchlens.recipes.common import check_choice, check_pair
 
 METHODS = ("exact", "eap", "eap-ig")
 INPUT_HOOK = "hook_full_embed"
@@ -77,18 +84,29 @@ def edge_scores(
         `EdgeScores`: ``values [n_edges]`` (mean over images) and ``per_example [n_edges, B]``
         of the effect ``m(patched) - m(target)`` (its estimate for EAP / EAP-IG).
     """
-    graph = _validate(model, clean, corrupted, method, graph, direction, ig_steps, ig, batch_size)
+    graph = _validate(model, clean, corrupted, metric, method, graph, direction, ig_steps, ig,
+                      batch_size)
     target, source = (clean, corrupted) if direction == "noising" else (corrupted, clean)
-    m_clean, m_corrupted = baseline_metrics(model, clean, corrupted, metric)
-    m_target = m_clean if direction == "noising" else m_corrupted
     engine = dict(batch_size=batch_size, memory_budget=memory_budget, progress=progress)
     base = base_metric(metric)
+    # one run of each input gives the sender outputs and the baselines (and, for EAP, the
+    # gradients at every receiver on the target run)
+    hooks = graph.sender_hook_names + ([INPUT_HOOK] if method == "eap-ig" and ig == "inputs"
+                                       else [])
+    src = capture(model, source, hooks, base, batch_size=batch_size)
+    tgt = capture(model, target, hooks, base, batch_size=batch_size,
+                  grads=graph.receiver_hook_names if method == "eap" else False)
+    m_target, m_source = tgt.values.detach(), src.values.detach()
+    m_clean, m_corrupted = (m_target, m_source) if direction == "noising" else (m_source, m_target)
+    check_baselines(metric, m_clean, m_corrupted)
+    delta = graph.component_deltas(src.acts, tgt.acts)
     if method == "exact":
-        per = exact_effects(model, graph, target, source, base, engine) - m_target
+        per = exact_effects(model, graph, target, delta, base, engine) - m_target
     elif method == "eap":
-        per = _eap(model, graph, target, source, base, batch_size)
+        per = scores_from_grads(graph, delta, tgt.grads)
     else:
-        per = _eap_ig(model, graph, target, source, base, ig_steps, ig, engine)
+        per = _eap_ig(model, graph, target, src.acts, tgt.acts, delta, base, ig_steps, ig, engine)
+    del src, tgt
     per = per.detach()
     normalized = isinstance(metric, Recovery)
     if normalized:
@@ -100,8 +118,21 @@ def edge_scores(
                       image=model.to_image(target[0]).cpu())
 
 
-def _validate(model, clean, corrupted, method, graph, direction, ig_steps, ig, batch_size):
+def check_baselines(metric, m_clean: Tensor, m_corrupted: Tensor) -> None:
+    """The unpatched runs' metric values are finite (and, for a `Recovery` metric, differ)."""
+    check_finite_metric(m_clean, "on the clean run")
+    check_finite_metric(m_corrupted, "on the corrupted run")
+    if isinstance(metric, Recovery):
+        Recovery.check(m_clean, m_corrupted)
+
+
+def _validate(model, clean, corrupted, metric, method, graph, direction, ig_steps, ig,
+              batch_size):
     check_pair(model, clean, corrupted)
+    if not callable(metric):
+        raise InputError(f"metric must be a function logits -> one value per image, got "
+                         f"{metric!r}.")
+    check_metric_batch(metric, clean.shape[0])
     check_choice("method", method, METHODS)
     check_choice("direction", direction, ("noising", "denoising"))
     check_choice("ig", ig, ("inputs", "activations"))
@@ -133,21 +164,20 @@ def check_graph(model, graph: Graph | None, x: Tensor) -> Graph:
 
 
 def sender_outputs(model, graph: Graph, x: Tensor, batch_size: int | None = None) -> Tensor:
-    """``[B, pos, C, d_model]`` every sender component's output on ``x`` (one forward pass)."""
+    """``[C, B, pos, d_model]`` every sender component's output on ``x`` (one forward pass)."""
     run = capture(model, x, graph.sender_hook_names, return_type=None, batch_size=batch_size)
-    return graph.component_outputs(run.acts)
+    return graph.component_outputs(run.acts).permute(2, 0, 1, 3)
 
 
 # ---- exact ----------------------------------------------------------------------------------
-def exact_effects(model, graph: Graph, target: Tensor, source: Tensor, metric,
+def exact_effects(model, graph: Graph, target: Tensor, delta: Tensor, metric,
                   engine: dict[str, Any], edges: Tensor | None = None) -> Tensor:
     """``[len(edges), B]`` the metric with each edge patched (one engine variant per edge,
-    starting at its receiver's layer). ``edges``: indices (default: every edge)."""
-    bs = engine.get("batch_size")
-    delta = sender_outputs(model, graph, source, bs) - sender_outputs(model, graph, target, bs)
+    starting at its receiver's layer): receiver ``r`` gets ``delta [B, pos, C, d]`` of the
+    edge's sender component added at the sender's tokens. ``edges``: indices (default: all)."""
     ids = torch.arange(graph.n_edges) if edges is None else edges
     comp = torch.tensor([graph.nodes[graph.edges[i].sender].component for i in ids.tolist()])
-    patch = EdgePatch(delta.permute(2, 0, 1, 3).contiguous(), comp)
+    patch = EdgePatch(delta, comp)
     variants = []
     for i in ids.tolist():
         e = graph.edges[i]
@@ -164,8 +194,9 @@ def scores_from_grads(graph: Graph, delta: Tensor, grads: dict[str, Tensor],
     """``[n_edges, B]``: ``sum over tokens and d_model of delta_u . grad_v`` for every edge
     ``u -> v`` (only edges from ``senders`` if given; others stay as in ``out``).
 
-    ``delta`` ``[B, pos, C, d]`` per sender component; ``grads`` at the receiver hooks."""
-    b = delta.shape[0]
+    ``delta`` ``[C, B, pos, d]`` per sender component (`Graph.component_deltas`); ``grads`` at
+    the receiver hooks."""
+    b = delta.shape[1]
     if out is None:
         out = delta.new_zeros(graph.n_edges, b)
     for blk in graph.blocks:
@@ -177,12 +208,23 @@ def scores_from_grads(graph: Graph, delta: Tensor, grads: dict[str, Tensor],
         g = grads[blk.hook].to(delta.dtype)
         g = g[:, :, blk.heads] if blk.heads is not None else g.unsqueeze(2)       # [B, p, R, d]
         nodes = [blk.senders[j] for j in rows]
-        comps = [graph.nodes[s].component for s in nodes]
-        uniq = sorted(set(comps))
-        q = torch.einsum("bpcd,bprd->bpcr", delta[:, :, uniq], g)                # [B, p, U, R]
-        q = q[:, :, [uniq.index(c) for c in comps]]                              # [B, p, S, R]
-        masks = graph.masks[nodes].to(q.dtype)                                   # [S, p]
-        sc = torch.einsum("bpsr,sp->srb", q, masks)
+        comps = torch.tensor([graph.nodes[s].component for s in nodes])
+        whole = graph.masks[nodes].all(1)
+        sc = delta.new_empty(len(nodes), len(blk.receivers), b)                   # [S, R, B]
+        w = torch.nonzero(whole).flatten()
+        if len(w):  # senders without token parts: one matrix product per image
+            cw = comps[w]
+            lo, hi = int(cw.min()), int(cw.max()) + 1
+            contiguous = torch.equal(cw, torch.arange(lo, hi))
+            dw = delta[lo:hi] if contiguous else delta[cw]
+            for i in range(b):
+                gi = g[i].permute(0, 2, 1).reshape(-1, g.shape[2])                 # [p*d, R]
+                sc[w, :, i] = dw[:, i].reshape(dw.shape[0], -1) @ gi
+        for c in comps[~whole].unique().tolist():  # token parts: per token, then per part
+            idx = torch.nonzero(~whole & (comps == c)).flatten()
+            q = torch.einsum("bpd,bprd->bpr", delta[c], g)
+            sc[idx] = torch.einsum("bpr,sp->srb", q, graph.masks[[nodes[i] for i in idx]]
+                                   .to(q.dtype))
         out[blk.edges[rows].flatten()] = sc.reshape(-1, b)
     if not all_finite(out):
         raise InputError("Edge attribution got a non-finite gradient or activation; the "
@@ -190,26 +232,14 @@ def scores_from_grads(graph: Graph, delta: Tensor, grads: dict[str, Tensor],
     return out
 
 
-def _eap(model, graph, target, source, metric, batch_size) -> Tensor:
-    """One forward on the source; one forward and backward on the target."""
-    delta_src = sender_outputs(model, graph, source, batch_size)
-    run = capture(model, target, graph.sender_hook_names, metric,
-                  grads=graph.receiver_hook_names, batch_size=batch_size)
-    delta = delta_src - graph.component_outputs(run.acts)
-    return scores_from_grads(graph, delta, run.grads)
-
-
-def _eap_ig(model, graph, target, source, metric, steps, ig, engine) -> Tensor:
-    hooks = graph.sender_hook_names + ([INPUT_HOOK] if ig == "inputs" else [])
-    bs = engine.get("batch_size")
-    src = capture(model, source, hooks, return_type=None, batch_size=bs).acts
-    tgt = capture(model, target, hooks, return_type=None, batch_size=bs).acts
-    delta = graph.component_outputs(src) - graph.component_outputs(tgt)
+def _eap_ig(model, graph, target, src, tgt, delta, metric, steps, ig, engine) -> Tensor:
+    """The gradients averaged along the interpolation (``src``/``tgt``: the runs' activations
+    at the graph's sender hooks and, for ``ig="inputs"``, the input embeddings)."""
     if ig == "inputs":
         grads = _mean_grads(model, target, INPUT_HOOK, src[INPUT_HOOK], tgt[INPUT_HOOK],
                             graph.receiver_hook_names, metric, steps, engine)
         return scores_from_grads(graph, delta, grads)
-    out = delta.new_zeros(graph.n_edges, target.shape[0])
+    out = delta.new_zeros(graph.n_edges, delta.shape[1])
     for sh in graph.sender_hooks:
         nodes = {i for i, nd in enumerate(graph.senders) if nd.component in sh.components}
         down = [blk.hook for blk in graph.blocks if nodes & set(blk.senders)]

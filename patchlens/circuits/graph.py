@@ -327,6 +327,20 @@ class Graph:
             parts.append(a if sh.per_head else a.unsqueeze(2))
         return torch.cat(parts, dim=2)
 
+    def component_deltas(self, source: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+        """``[C, B, pos, d_model]`` (component-major): every sender component's output on the
+        source run minus its output on the target run, in one allocation."""
+        first = source[self.sender_hooks[0].hook]
+        out = first.new_empty(len(self.components), first.shape[0], first.shape[1],
+                              first.shape[-1])
+        for sh in self.sender_hooks:
+            d = source[sh.hook] - target[sh.hook]
+            if sh.scale is not None:
+                d = d * sh.scale.to(d.dtype)
+            lo, hi = sh.components[0], sh.components[-1] + 1
+            out[lo:hi] = d.movedim(2, 0) if sh.per_head else d.unsqueeze(0)
+        return out
+
     @property
     def sender_hook_names(self) -> list[str]:
         return [sh.hook for sh in self.sender_hooks]

@@ -226,16 +226,21 @@ class Attention(nn.Module):
         split: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attention output (before LayerScale). ``split`` gives normalised per-head inputs
-        ``[batch, pos, head, d_model]`` for q, k, v (TransformerLens ``use_split_qkv_input``)."""
+        ``[batch, pos, head, d_model]`` for q, k, v (TransformerLens ``use_split_qkv_input``);
+        an entry may be the shared normalised stream ``[batch, pos, d_model]`` instead."""
         cfg = self.cfg
         h, dh = cfg.n_heads, cfg.d_head
         if split is None:
             b, n, _ = x.shape
             q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).reshape(b, n, 3, h, dh).unbind(2)
-        else:
+        else:  # per-head inputs [b, n, h, d], or the shared stream [b, n, d] for some of them
             b, n = split[0].shape[:2]
             q, k, v = (
                 torch.einsum("bphd,hdk->bphk", inp, self._qkv_weight(i)) + self._qkv_bias(i)
+                if inp.ndim == 4 else
+                F.linear(inp, self.qkv.weight[i * h * dh:(i + 1) * h * dh],
+                         None if self.qkv.bias is None else
+                         self.qkv.bias[i * h * dh:(i + 1) * h * dh]).reshape(b, n, h, dh)
                 for i, inp in enumerate(split)
             )
         if self.q_norm is not None:
@@ -384,13 +389,19 @@ class Block(nn.Module):
         resid_pre = self.hook_resid_pre(resid_pre)
         # The opt-in copies run only where someone hooks them (or ln1, whose axes they change);
         # elsewhere the fused path computes the same values (up to rounding), faster.
-        if self.cfg.use_split_qkv_input and is_hooked(
-                self.hook_q_input, self.hook_k_input, self.hook_v_input, self.ln1.hook_scale,
-                self.ln1.hook_normalized):
+        split_hooks = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        if self.cfg.use_split_qkv_input and is_hooked(*split_hooks, self.ln1.hook_scale,
+                                                      self.ln1.hook_normalized):
             per_head = resid_pre.unsqueeze(2).expand(-1, -1, self.cfg.n_heads, -1)
-            inputs = [hook(per_head.clone())
-                      for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)]
-            split = tuple(self.ln1(t) for t in inputs)
+            shared = None
+            if is_hooked(self.ln1.hook_scale, self.ln1.hook_normalized):
+                hooked = split_hooks  # ln1's hooks see per-head copies: all three
+            else:
+                hooked = tuple(h for h in split_hooks if is_hooked(h))
+                shared = self.ln1(resid_pre) if len(hooked) < 3 else None
+            # an input nobody hooks reads the shared (unsplit) normalised stream
+            inputs = [hook(per_head.clone()) if hook in hooked else None for hook in split_hooks]
+            split = tuple(shared if t is None else self.ln1(t) for t in inputs)
             attn = self.attn(split=split)
         else:
             attn = self.attn(self.ln1(resid_pre))

@@ -368,6 +368,9 @@ def _execute(model, x, variants, plan: _Plan, sources, base, unpatched, *, metri
 
 def _store(sink: dict[str, Tensor], name: str, act: Tensor, chunk: list[int], n_var: int,
            b: int) -> None:
+    if name not in sink and chunk == list(range(n_var)):  # one chunk, in order: no copy
+        sink[name] = act.reshape(n_var, b, *act.shape[1:])
+        return
     if name not in sink:
         sink[name] = act.new_zeros((n_var, b, *act.shape[1:]))
     sink[name][chunk] = act.reshape(len(chunk), b, *act.shape[1:])
@@ -548,7 +551,7 @@ def capture(model, x: Tensor, hooks: Sequence[str], metric: Metric | None = None
             keep_outputs=True, prefix_reuse=False, progress=False))
 
     def cat(get):
-        return torch.cat([get(p)[0] for p in parts])
+        return get(parts[0])[0] if len(parts) == 1 else torch.cat([get(p)[0] for p in parts])
 
     output = (None if return_type is None
               else cat(lambda p: p.raw_outputs if metric is not None else p.outputs))
