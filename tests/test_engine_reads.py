@@ -106,7 +106,7 @@ def test_one_hooked_split_input_equals_all_three_split():
 
     def edit(act, hook):
         act = act.clone()
-        act[:, :, 2] += 0.5  # (a scale would vanish in the LayerNorm)
+        act[:, :, 2] += torch.linspace(-1, 1, act.shape[-1], dtype=act.dtype)  # not a constant
         return act
 
     def same(act, hook):
