@@ -1,13 +1,14 @@
 """Circuit discovery: EAP, EAP-IG and exact edge scores against their references, in one run.
 
     python benchmarks/circuits.py [--device cuda] [--pairs 4] [--steps 5] [--edges 96]
-                                  [--threads N] [--skip-zoo]
+                                  [--threads N] [--repeats 3] [--keep-freed-memory] [--skip-zoo]
 
 Measured in one process:
 - ViT-Small (timm vit_small_patch16_224, random init; 12 layers x 6 heads, split q/k/v inputs:
   9163 edges), ``--pairs`` clean/corrupted pairs of 224 px images:
   - reference: one forward pass of the clean + corrupted batch (the HookedViT, no hooks);
-  - EAP over every edge, EAP-IG (inputs) with ``--steps`` steps, EAP-IG (activations);
+  - EAP over every edge and EAP-IG (inputs) with ``--steps`` steps, timed in interleaved rounds
+    with the reference (median of the per-round ratios), and one run of EAP-IG (activations);
   - exact edge patching of ``--edges`` edges spread over the graph against (a) the naive loop,
     one ``run_with_hooks`` per edge on the receiver's split input, and (b) the compute floor:
     the HookedViT's own per-image forward time at the engine's batch size times the fraction
@@ -28,7 +29,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, sync  # noqa: E402
+from common import machine, paired_ratio, sync, time_interleaved  # noqa: E402
 
 import patchlens as pl  # noqa: E402
 from patchlens.circuits import Circuit, Graph, edge_scores, evaluate  # noqa: E402
@@ -54,24 +55,33 @@ def vit_small(args):
     graph = Graph.from_model(model)
     metric = pl.metrics.logit_diff(0, 1)
     both = torch.cat([clean, corrupted])
-    with torch.inference_mode():
-        model(both)  # warm-up
-        t_fwd = min(timed(lambda: model(both), args.device)[0] for _ in range(3))
+
+    def forward():
+        with torch.inference_mode():
+            model(both)
+
+    def method(name, **kw):
+        return lambda: edge_scores(model, clean, corrupted, metric, method=name, graph=graph,
+                                   **kw)
+
+    k = args.steps
+    fns = {"forward": forward, "eap": method("eap"), f"eap-ig k={k}": method("eap-ig", ig_steps=k)}
+    samples: dict[str, list[float]] = {}
+    med = time_interleaved(fns, repeats=args.repeats, warmup=1, device=args.device,
+                           samples_out=samples)
     print(f"ViT-Small: {graph}")
     print(f"  {machine()}, {args.pairs} pairs; one forward of the clean + corrupted batch "
-          f"({2 * args.pairs} images): {t_fwd:.3f} s")
+          f"({2 * args.pairs} images): median {med['forward']:.3f} s over {args.repeats} rounds")
     ratios = {}
-    edge_scores(model, clean, corrupted, metric, method="eap", graph=graph)  # warm-up
-    runs = [("eap", {}), ("eap-ig", {"ig_steps": args.steps}),
-            ("eap-ig", {"ig_steps": args.steps, "ig": "activations"})]
-    for method, kw in runs:
-        t, sc = timed(edge_scores, args.device, model, clean, corrupted, metric, method=method,
-                      graph=graph, **kw)
-        key = sc.name + (f" k={args.steps}" if method == "eap-ig" else "")
-        ratios[key] = t / t_fwd
-        target = {"eap": 3.0, "eap-ig": args.steps + 2.0}.get(sc.name)
-        print(f"  {key:26s} {t:8.2f} s = {t / t_fwd:6.2f}x the forward"
-              + (f"   (target <= {target:g}x)" if target else ""))
+    for key, target in (("eap", 3.0), (f"eap-ig k={k}", k + 2.0)):
+        r, lo, hi = paired_ratio(samples, key, "forward")
+        ratios[key] = r
+        print(f"  {key:26s} median {med[key]:8.2f} s = {r:6.2f}x the forward (per-round ratios "
+              f"{lo:.2f}-{hi:.2f}; target <= {target:g}x)")
+    t, _ = timed(method("eap-ig", ig_steps=k, ig="activations"), args.device)
+    ratios[f"eap-ig (activations) k={k}"] = t / med["forward"]
+    print(f"  {'eap-ig (activations) k=' + str(k):26s} one run {t:8.2f} s = "
+          f"{t / med['forward']:6.2f}x the forward")
 
     # exact on a spread of edges: engine vs naive loop vs compute floor
     ids = torch.linspace(0, graph.n_edges - 1, args.edges).round().long().unique()
@@ -167,10 +177,16 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--edges", type=int, default=96)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (forward, EAP, "
+                    "EAP-IG)")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="call patchlens.keep_freed_memory() first (see docs/performance.md)")
     ap.add_argument("--skip-zoo", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        print(f"keep_freed_memory(): {pl.keep_freed_memory()}")
     ratios = vit_small(args)
     if not args.skip_zoo:
         zoo(args)

@@ -166,7 +166,7 @@ def check_graph(model, graph: Graph | None, x: Tensor) -> Graph:
 def sender_outputs(model, graph: Graph, x: Tensor, batch_size: int | None = None) -> Tensor:
     """``[C, B, pos, d_model]`` every sender component's output on ``x`` (one forward pass)."""
     run = capture(model, x, graph.sender_hook_names, return_type=None, batch_size=batch_size)
-    return graph.component_outputs(run.acts).permute(2, 0, 1, 3)
+    return graph.component_outputs(run.acts)
 
 
 # ---- exact ----------------------------------------------------------------------------------

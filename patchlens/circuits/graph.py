@@ -12,7 +12,7 @@ Where the graph reads and writes (the hook schema's names):
 | role | node | hook |
 | --- | --- | --- |
 | sender | embedding | ``blocks.0.hook_resid_pre`` (the stream entering block 0) |
-| sender | head ``a{l}.h{h}`` | ``blocks.l.attn.hook_result`` head h, times LayerScale |
+| sender | head ``a{l}.h{h}`` | ``blocks.l.attn.hook_z`` head h through ``W_O`` (times LayerScale) |
 | sender | MLP ``m{l}`` | ``blocks.l.hook_mlp_out`` |
 | receiver | ``a{l}.h{h}<q|k|v>`` | ``blocks.l.hook_q_input`` / ``k_input`` / ``v_input`` head h |
 | receiver | ``m{l}`` | ``blocks.l.hook_mlp_in`` (before ``ln2``) |
@@ -112,14 +112,28 @@ class HookBlock:
 @dataclass(frozen=True)
 class SenderHook:
     """A hook the graph reads sender outputs at: ``components`` (indices) along its head axis
-    (heads) or the one component it holds (embedding, MLP); ``scale`` is the LayerScale that
-    turns the hook's value into what is added to the residual stream (None: none)."""
+    (a layer's ``hook_z``) or the one component it holds (embedding, MLP). `to_residual` turns
+    the hook's values into what each component adds to the residual stream: the heads' ``z``
+    through their ``W_O`` (``w_out [head, d_head, d_model]``), times the LayerScale ``scale``
+    where the model has one."""
 
     hook: str
     layer: int
     components: list[int]
     per_head: bool
     scale: Tensor | None
+    w_out: Tensor | None = None
+
+    def to_residual(self, act: Tensor) -> Tensor:
+        """``[K, B, pos, d_model]`` (K = heads or 1) from the hook's activation ``act`` (linear:
+        a difference of activations gives the difference of contributions)."""
+        if self.per_head:
+            out = torch.einsum("bphk,hkd->hbpd", act, self.w_out.to(act.device, act.dtype))
+        else:
+            out = act.unsqueeze(0)
+        if self.scale is not None:
+            out = out * self.scale.to(act.device, act.dtype)
+        return out
 
 
 @dataclass
@@ -236,10 +250,10 @@ class Graph:
         sender_hooks = [SenderHook("blocks.0.hook_resid_pre", -1, [0], False, None)]
         for l in range(n):
             ls1 = getattr(model.blocks[l], "ls1", None)
-            scale = ls1.gamma.detach() if ls1 is not None else None
-            sender_hooks.append(SenderHook(f"blocks.{l}.attn.hook_result", l,
+            scale = ls1.gamma.detach().clone() if ls1 is not None else None
+            sender_hooks.append(SenderHook(f"blocks.{l}.attn.hook_z", l,
                                            [comps.index(f"a{l}.h{j}") for j in range(h)], True,
-                                           scale))
+                                           scale, model.blocks[l].attn.W_O.detach().clone()))
             sender_hooks.append(SenderHook(f"blocks.{l}.hook_mlp_out", l, [comps.index(f"m{l}")],
                                            False, None))
         graph = cls(nodes, receivers, edges, parts, tuple(sorted(split_names)), n, h, layout,
@@ -317,28 +331,19 @@ class Graph:
 
     # ---- sender outputs ----------------------------------------------------------------------
     def component_outputs(self, acts: dict[str, Tensor]) -> Tensor:
-        """``[B, pos, C, d_model]``: every sender component's output as it is added to the
-        residual stream, from activations captured at `sender_hook_names`."""
-        parts = []
-        for sh in self.sender_hooks:
-            a = acts[sh.hook]
-            if sh.scale is not None:
-                a = a * sh.scale.to(a.dtype)
-            parts.append(a if sh.per_head else a.unsqueeze(2))
-        return torch.cat(parts, dim=2)
+        """``[C, B, pos, d_model]`` (component-major): every sender component's output as it is
+        added to the residual stream, from activations captured at `sender_hook_names`."""
+        return torch.cat([sh.to_residual(acts[sh.hook]) for sh in self.sender_hooks])
 
     def component_deltas(self, source: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
-        """``[C, B, pos, d_model]`` (component-major): every sender component's output on the
-        source run minus its output on the target run, in one allocation."""
+        """``[C, B, pos, d_model]``: ``component_outputs(source) - component_outputs(target)``
+        in one allocation."""
         first = source[self.sender_hooks[0].hook]
         out = first.new_empty(len(self.components), first.shape[0], first.shape[1],
                               first.shape[-1])
         for sh in self.sender_hooks:
-            d = source[sh.hook] - target[sh.hook]
-            if sh.scale is not None:
-                d = d * sh.scale.to(d.dtype)
             lo, hi = sh.components[0], sh.components[-1] + 1
-            out[lo:hi] = d.movedim(2, 0) if sh.per_head else d.unsqueeze(0)
+            out[lo:hi] = sh.to_residual(source[sh.hook] - target[sh.hook])
         return out
 
     @property

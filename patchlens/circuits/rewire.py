@@ -115,8 +115,8 @@ class EdgeAblation(Intervention):
                 continue
             old = live[sh.hook].to(dev, dt)                                           # [rows, ...]
             if self._buffer is None:
-                self._buffer = old.new_empty(len(self.graph.components), old.shape[0],
-                                             old.shape[1], old.shape[-1])
+                emb = live[self.graph.sender_hooks[0].hook]
+                self._buffer = old.new_empty(len(self.graph.components), *emb.shape)
             images = torch.arange(old.shape[0], device=dev) % where.images.shape[1]
             new = self.new.get(sh.hook)
             if new is None:
@@ -126,9 +126,7 @@ class EdgeAblation(Intervention):
             else:
                 rows = images if self.draws is None else self.draws.to(dev)[images]
                 diff = new.to(dev, dt)[rows] - old
-            if sh.scale is not None:
-                diff = diff * sh.scale.to(dev, dt)
-            self._buffer[lo:hi] = diff.movedim(2, 0) if sh.per_head else diff.unsqueeze(0)
+            self._buffer[lo:hi] = sh.to_residual(diff)
             self._filled = hi
         d = self._buffer[:n_comp]
         rows = where.rows.to(dev)
