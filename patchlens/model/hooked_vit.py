@@ -153,13 +153,12 @@ class HookedViT(HookedRootModule):
 
     @property
     def hook_aliases(self) -> dict[str, dict[int | None, str]]:
-        """Short names `Site` accepts: ``alias -> {layer (None outside blocks): hook name}``
-        (built once per schema: sweeps resolve thousands of sites)."""
+        """Short names `Site` accepts: ``alias -> {layer (None outside blocks): hook name}``."""
         specs = self.hook_specs
-        cached = self.__dict__.get("_aliases_cache")
-        if cached is None or cached[0] is not specs:
-            cached = self.__dict__["_aliases_cache"] = (specs, build_aliases(specs))
-        return cached[1]
+        key = ("aliases", id(specs))
+        if key not in self._specs_cache:
+            self._specs_cache[key] = build_aliases(specs)
+        return self._specs_cache[key]
 
     def hook_spec(self, name: str) -> HookSpec:
         """The `HookSpec` of hook ``name`` (`UnknownHookError` with close matches if none)."""
