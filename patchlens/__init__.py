@@ -1,11 +1,11 @@
 """patchlens: mechanistic interpretability for Vision Transformers.
 
 Turn a timm or Hugging Face ViT into a `HookedViT` with TransformerLens hook points, then patch
-activations, trace paths, attribute with CAAP, and check how far interventions drift from the
-model's natural distribution.
+activations, trace paths, find circuits (`patchlens.circuits`), attribute with CAAP, and check
+how far interventions drift from the model's natural distribution.
 """
 
-from patchlens import metrics, zoo
+from patchlens import circuits, metrics, zoo
 from patchlens.errors import (
     CheckpointMismatchError,
     InputError,
@@ -43,6 +43,7 @@ from patchlens.zeroshot import zeroshot_head
 __version__ = "0.1.0"
 
 __all__ = [
+    "circuits",
     "metrics",
     "zoo",
     "activation_patching",

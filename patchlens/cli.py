@@ -29,6 +29,7 @@ BENCHMARKS = {
     "attribution": "every attribution method's localisation and faithfulness on clutter-digits",
     "diagnostics": "cost of divergence diagnostics against a plain sweep",
     "divergence_calibration": "false-alarm and detection rates of the divergence verdict on the zoo models",
+    "circuits": "EAP / EAP-IG / exact edge scores against a forward pass, a naive loop and the floor",
     "scale": "`patchlens run` throughput on 2 processes against 1",
 }
 

@@ -1,7 +1,8 @@
 """The main job (`patchlens demo`): a short, real study on a model, written to one HTML report.
 
-Predictions, an activation-patching sweep, a path-patching sweep, CAAP maps next to baselines
-with deletion/insertion scores, and the divergence of the interventions; a summary on the
+Predictions, an activation-patching sweep, a path-patching sweep, a circuit (EAP and EAP-IG
+edge scores, faithfulness curves, the smallest EAP-IG circuit keeping 80%), CAAP maps next to
+baselines with deletion/insertion scores, and the divergence of the interventions; a summary on the
 terminal and a self-contained HTML report.
 """
 
@@ -56,7 +57,9 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
     t_start = time.perf_counter()
     steps = ["loading the model and images", "predictions",
              "activation patching (layer x token, layer x head)",
-             "path patching (every head -> logits)", "CAAP and two baselines, deletion/insertion",
+             "path patching (every head -> logits)",
+             "circuit (EAP and EAP-IG edge scores, faithfulness curves)",
+             "CAAP and two baselines, deletion/insertion",
              "divergence of the interventions", "writing the report"]
     with Progress(console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("study", total=len(steps))
@@ -124,19 +127,24 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
         report.heading("Path patching (every head -> logits, direct path)")
         report.figure(path.plot(), "normalised direct effect")
 
-        # 4. CAAP and baselines, with deletion / insertion
+        # 4. circuit: EAP and EAP-IG edge scores, faithfulness curves, a circuit
         step(4)
+        summary["circuit"] = _circuit_section(model, clean, corrupted, pl.metrics.logit(pred),
+                                              report)
+
+        # 5. CAAP and baselines, with deletion / insertion
+        step(5)
         caap_rows = _attribution_section(model, clean, pred, clean_img, report)
         if caap_rows:
             summary["attribution"] = caap_rows
 
-        # 5. divergence of the interventions
-        step(5)
+        # 6. divergence of the interventions
+        step(6)
         div = _divergence_section(model, model_name, clean, corrupted, metric, report, seed)
         if div:
             summary["divergence"] = div
 
-        step(6)
+        step(7)
         path_out = report.save(out, plotlyjs=plotlyjs)
         progress.advance(task)
     summary["report"] = str(path_out.resolve())
@@ -153,6 +161,9 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
     ptop = summary["path_top"][0]
     table.add_row("path patching", f"largest direct effect {ptop['value']:.2f} at head "
                   f"{ptop['layer']}.{ptop['head']}")
+    circ = summary["circuit"]
+    table.add_row("circuit", f"{circ['edges']} of {circ['graph_edges']} edges, faithfulness "
+                  f"{circ['faithfulness']:.2f}")
     for row in summary.get("attribution", []):
         table.add_row(f"attribution: {row['method']}",
                       f"deletion {row['deletion']:.3f}, insertion {row['insertion']:.3f}")
@@ -171,6 +182,27 @@ def _image_strip(clean: Tensor, corrupt: Tensor):
     fig.for_each_annotation(lambda a: a.update(text=""))
     fig.update_xaxes(showticklabels=False).update_yaxes(showticklabels=False)
     return fig
+
+
+def _circuit_section(model, clean, corrupted, metric, report) -> dict[str, Any]:
+    """EAP and EAP-IG over every edge, both methods' faithfulness curves (corrupted ablation),
+    and the smallest EAP-IG top-k circuit on the curve that keeps 80% of the behaviour."""
+    from patchlens import circuits
+
+    graph = circuits.Graph.from_model(model, tuple(clean.shape[-2:]))
+    scores = [circuits.edge_scores(model, clean, corrupted, metric, method=m, graph=graph)
+              for m in ("eap", "eap-ig")]
+    ks = sorted({max(1, round(f * graph.n_edges)) for f in (0.01, 0.05, 0.1, 0.2, 0.35, 0.5)})
+    curve = circuits.faithfulness_curve(model, scores, clean, corrupted, metric, ks=ks,
+                                        n_random=1, progress=False)
+    ok = [k for k, f in zip(ks, curve.values["eap-ig"].tolist()) if f >= 0.8]
+    k = ok[0] if ok else ks[-1]
+    circuit = circuits.Circuit.top_k(scores[1], k)
+    ev = circuits.evaluate(model, circuit, clean, corrupted, metric, progress=False)
+    report.circuit(circuit, ev, curve, title=f"Circuit (EAP-IG, top {k} edges: the smallest "
+                   "on the curve that keeps 80% of the behaviour)")
+    return {"edges": circuit.n_edges, "graph_edges": graph.n_edges,
+            "faithfulness": ev.faithfulness, "area": curve.area}
 
 
 def _attribution_section(model, clean, pred, clean_img, report) -> list[dict]:

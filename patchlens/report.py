@@ -76,6 +76,35 @@ class Report:
         self.parts.append(f'<div class="figure">{div}{cap}</div>')
         return self
 
+    def circuit(self, circuit: Any, evaluation: Any = None, curve: Any = None,
+                token_node: str | None = None, title: str = "Circuit", top: int = 15) -> Report:
+        """A circuit section: what was found, its faithfulness, the circuit figure, the token
+        parts over the image (``token_node``, for graphs split by tokens), the faithfulness
+        curves and a table of its strongest edges. Takes a `patchlens.circuits.Circuit`, its
+        `CircuitEvaluation` and a `FaithfulnessCurve` (each optional but the circuit)."""
+        self.heading(title)
+        g = circuit.graph
+        self.text(f"{circuit.n_edges} of {g.n_edges} edges ({100 * circuit.fraction:.1f}%) of "
+                  f"the graph: {g!r}.")
+        if evaluation is not None:
+            self.text(f"Faithfulness {evaluation.faithfulness:.3f} ({evaluation.ablation} "
+                      "ablation of every edge outside the circuit; 1 = the circuit alone gives "
+                      "the full model's metric, 0 = no better than ablating everything).")
+            if evaluation.divergence is not None:
+                self.text(f"Divergence of the ablated runs: {evaluation.divergence.summary()}")
+        self.figure(circuit.plot(), "edge width: |score|; red positive, blue negative; q "
+                    "dotted, k dashed, v / MLP / output solid")
+        if token_node is not None:
+            self.figure(circuit.plot_tokens(token_node), f"{token_node}'s token parts: summed "
+                        "|score| of their edges in the circuit")
+        if curve is not None:
+            self.figure(curve.plot(), "faithfulness of each method's top-k circuit; dashed: "
+                        "random circuits of the same size")
+        table = circuit.to_pandas()
+        if "value" in table:
+            table = table.reindex(table.value.abs().sort_values(ascending=False).index)
+        return self.table(table.head(top), "strongest edges of the circuit")
+
     def to_html(self, plotlyjs: str = "inline") -> str:
         """The page; ``plotlyjs``: ``"inline"`` (offline) or ``"cdn"`` (see the module doc)."""
         return (

@@ -324,3 +324,151 @@ def _title(result, what: str) -> str:
     bits = [m.get("recipe", "patching"), m.get("site", ""), m.get("direction", ""),
             f"→ {m['receivers']}" if m.get("receivers") else "", what]
     return " · ".join(str(b) for b in bits if b)
+
+
+
+# ---- circuits ------------------------------------------------------------------------------------
+_INPUT_DASH = {"q": "dot", "k": "dash", "v": "solid", "mlp": "solid", "out": "solid"}
+
+
+def _node_positions(graph) -> dict[str, tuple[float, float]]:
+    """(x, y) of every node: the embedding at x = -1, layer l's heads at x = l (y = head), its
+    MLP at x = l + 0.5, the output at x = n_layers; token parts spread around their node."""
+    h = graph.n_heads
+    mid = (h - 1) / 2
+    pos: dict[str, tuple[float, float]] = {}
+    by_base: dict[str, list] = {}
+    for nd in graph.nodes:
+        by_base.setdefault(nd.base, []).append(nd)
+    for base, nds in by_base.items():
+        nd = nds[0]
+        if nd.kind == "embed":
+            x, y = -1.0, mid
+        elif nd.kind == "head":
+            x, y = float(nd.layer), float(nd.head)
+        elif nd.kind == "mlp":
+            x, y = nd.layer + 0.5, mid
+        else:
+            x, y = float(graph.n_layers), mid
+        pos[base] = (x, y)
+        if len(nds) > 1:  # token parts: a short vertical fan around the node
+            span = max(h - 1, 1) if nd.kind == "embed" else 0.6
+            for i, part in enumerate(nds):
+                pos[part.name] = (x - (0.15 if nd.kind != "embed" else 0.0),
+                                  y - span / 2 + span * i / (len(nds) - 1))
+    return pos
+
+
+def circuit_figure(graph, edges, values=None, title: str = "", height: int | None = None):
+    """The edges ``edges`` (indices) of ``graph`` drawn between their nodes: nodes laid out by
+    layer (x) and head (y; MLPs between layers), edge width by ``|value|``, colour by sign (red
+    positive, blue negative), line style by the receiver's input (q dotted, k dashed, v / MLP /
+    output solid); hover shows each edge and node."""
+    import plotly.graph_objects as go
+
+    ids = [int(i) for i in (edges.tolist() if isinstance(edges, torch.Tensor) else edges)]
+    vals = None if values is None else _np(values)
+    pos = _node_positions(graph)
+    lim = max((abs(float(vals[i])) for i in ids), default=0.0) if vals is not None else 0.0
+    fig = go.Figure()
+    mid_x, mid_y, mid_text = [], [], []
+    used: dict[str, int] = {}
+    for i in ids:
+        e = graph.edges[i]
+        s, r = graph.nodes[e.sender], graph.receivers[e.receiver]
+        (x0, y0), (x1, y1) = pos[s.name], pos[r.node]
+        v = float(vals[i]) if vals is not None else None
+        width = 1.0 if not lim or v is None else 0.8 + 7.2 * abs(v) / lim
+        colour = "#888888" if v is None else ("#d62728" if v >= 0 else "#1f77b4")
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip",
+                                 line=dict(width=width, color=colour, dash=_INPUT_DASH[r.input]),
+                                 opacity=0.75, showlegend=False))
+        mid_x.append((x0 + x1) / 2)
+        mid_y.append((y0 + y1) / 2)
+        mid_text.append(f"{e.name}<br>input {r.input}" + ("" if v is None else f"<br>score {v:+.4g}"))
+        used[s.name] = used.get(s.name, 0) + 1
+        used[r.node] = used.get(r.node, 0) + 1
+    fig.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="markers", text=mid_text,
+                             hovertemplate="%{text}<extra></extra>",
+                             marker=dict(size=6, color="rgba(0,0,0,0.05)"), showlegend=False))
+    names = list(pos)
+    fig.add_trace(go.Scatter(
+        x=[pos[n][0] for n in names], y=[pos[n][1] for n in names], mode="markers+text",
+        text=[n if used.get(n) else "" for n in names], textposition="top center",
+        textfont=dict(size=9), customdata=[used.get(n, 0) for n in names],
+        hovertemplate="%{text}<br>%{customdata} drawn edges<extra></extra>",
+        marker=dict(size=[11 if used.get(n) else 5 for n in names],
+                    color=["#333333" if used.get(n) else "#cccccc" for n in names]),
+        showlegend=False))
+    n = graph.n_layers
+    fig.update_xaxes(tickvals=[-1] + list(range(n)) + [n],
+                     ticktext=["embed"] + [f"L{l}" for l in range(n)] + [graph.output.name],
+                     zeroline=False, showgrid=False)
+    fig.update_yaxes(tickvals=list(range(graph.n_heads)),
+                     ticktext=[f"h{j}" for j in range(graph.n_heads)], autorange="reversed",
+                     zeroline=False, showgrid=False)
+    fig.update_layout(title=title, height=height or max(360, 60 * graph.n_heads + 160),
+                      plot_bgcolor="white",
+                      annotations=[dict(text="q dotted · k dashed · v, MLP, output solid · red "
+                                    "+ / blue −", xref="paper", yref="paper", x=0, y=-0.12,
+                                    showarrow=False, font=dict(size=10))])
+    return fig
+
+
+def token_parts_figure(graph, values, node: str = "embed", image=None, how: str = "abs",
+                       title: str = "", **kwargs: Any):
+    """The token parts of a split node over the image grid: each part's value is the sum of
+    ``|value|`` (``how="abs"``) or of the values (``how="sum"``) of its outgoing edges."""
+    from patchlens.errors import InputError
+
+    parts = [i for i, nd in enumerate(graph.nodes) if nd.base == node and nd.part is not None]
+    if not parts:
+        raise InputError(f"{node!r} is not split by tokens in this graph; build it with "
+                         f"Graph.from_model(model, tokens={{...}}, split=[{node!r}]).")
+    if how not in ("abs", "sum"):
+        raise InputError(f"how must be 'abs' or 'sum', got {how!r}.")
+    vals = torch.as_tensor(values).detach().double().cpu()
+    per_part = {i: 0.0 for i in parts}
+    for k, e in enumerate(graph.edges):
+        if e.sender in per_part:
+            per_part[e.sender] += float(vals[k].abs() if how == "abs" else vals[k])
+    lay = graph.layout
+    grid = torch.full((lay.n_patches,), float("nan"), dtype=torch.float64)
+    prefix = []
+    masks = graph.masks
+    for i, v in per_part.items():
+        for t in torch.nonzero(masks[i]).flatten().tolist():
+            if t >= lay.n_prefix:
+                grid[t - lay.n_prefix] = v
+            else:
+                prefix.append(f"{lay.label(t)} {v:.3g}")
+    name = title or f"{node}: {'|score|' if how == 'abs' else 'score'} summed over each token part"
+    if prefix:
+        name += f" (prefix: {', '.join(prefix[:4])})"
+    return grid_overlay(grid.reshape(lay.grid), image, title=name, diverging=how == "sum",
+                        **kwargs)
+
+
+def faithfulness_figure(curve, title: str = "", log_x: bool = True):
+    """Faithfulness against the share of edges kept, one line per method, the random baseline
+    dashed; the legend gives each curve's area."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    x = [100 * f for f in curve.fractions]
+    for name, v in curve.values.items():
+        fig.add_trace(go.Scatter(x=x, y=_np(v), mode="lines+markers",
+                                 name=f"{name} (area {curve.area[name]:.3f})",
+                                 customdata=curve.ks,
+                                 hovertemplate="%{customdata} edges (%{x:.2f}%)<br>"
+                                               "faithfulness %{y:.3f}<extra></extra>"))
+    if curve.random is not None:
+        fig.add_trace(go.Scatter(x=x, y=_np(curve.random), mode="lines",
+                                 name=f"random (area {curve.area['random']:.3f})",
+                                 line=dict(dash="dash", color="#999999")))
+    fig.update_layout(title=title or f"faithfulness · {curve.ablation} ablation",
+                      xaxis_title="edges kept (% of the graph)", yaxis_title="faithfulness",
+                      height=380)
+    if log_x:
+        fig.update_xaxes(type="log")
+    return fig

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from patchlens.checks import check_int
 from patchlens.errors import InputError, close_matches
-from patchlens.model.hooks import HookSpec
+from patchlens.model.hooks import OPTION_FLAGS, HookSpec
 
 NEURON_SAMPLES = 1000  # reservoir per layer and class for neuron quantiles
 RECOMMENDED_IMAGES = 2000  # see docs/divergence.md (calibration)
@@ -31,8 +31,10 @@ RECOMMENDED_IMAGES = 2000  # see docs/divergence.md (calibration)
 def fingerprint(model) -> dict[str, str]:
     """Config digest and a hash of a few weights: detects a reference fitted on another model."""
     cfg = model.cfg
+    # the opt-in hook flags are run-time switches (model.options), not part of the model
     fields = {k: v for k, v in sorted(vars(cfg).items())
-              if isinstance(v, (int, float, str, bool, tuple, list, type(None)))}
+              if isinstance(v, (int, float, str, bool, tuple, list, type(None)))
+              and k not in OPTION_FLAGS}
     h = hashlib.sha256()
     params = list(model.parameters())
     for p in params[:2] + params[len(params) // 2 : len(params) // 2 + 1] + params[-2:]:
@@ -191,7 +193,8 @@ class Reference:
         ncount: dict[str, dict[str, int]] = {}
         n_images = 0
         names = hooks + [h for h in mlp_hooks if h not in hooks]
-        with torch.inference_mode():
+        # opt-in hooks (e.g. the split inputs "q_input", "mlp_in") fire only with their flags
+        with torch.inference_mode(), model.options(**model.options_for(names)):
             for batch in batches:
                 if isinstance(batch, (tuple, list)):
                     batch = batch[0]

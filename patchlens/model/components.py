@@ -208,7 +208,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(h * dh, d, bias=cfg.proj_bias)
         declare_hooks(self, {
             "hook_result": HookDecl("batch pos head d_model", "per-head output after W_O"
-                                    + (" (of the normalised z)" if cfg.attn_norm else ""),
+                                    + (" (of the normalised z)" if cfg.attn_norm else "")
+                                    + ", before LayerScale",
                                     opt_in="use_attn_result", alias="result"),
         })
 
@@ -265,16 +266,21 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         """Attention output (before LayerScale). ``split`` gives normalised per-head inputs
         ``[batch, pos, head, d_model]`` for q, k, v (TransformerLens ``use_split_qkv_input``);
+        an entry may be the shared normalised stream ``[batch, pos, d_model]`` instead;
         ``rope`` the rotary tables of this input's patch grid (rotary models)."""
         cfg = self.cfg
         h, dh = cfg.n_heads, cfg.d_head
         if split is None:
             b, n, _ = x.shape
             q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).reshape(b, n, 3, h, dh).unbind(2)
-        else:
+        else:  # per-head inputs [b, n, h, d], or the shared stream [b, n, d] for some of them
             b, n = split[0].shape[:2]
             q, k, v = (
                 torch.einsum("bphd,hdk->bphk", inp, self._qkv_weight(i)) + self._qkv_bias(i)
+                if inp.ndim == 4 else
+                F.linear(inp, self.qkv.weight[i * h * dh:(i + 1) * h * dh],
+                         None if self.qkv.bias is None else
+                         self.qkv.bias[i * h * dh:(i + 1) * h * dh]).reshape(b, n, h, dh)
                 for i, inp in enumerate(split)
             )
         if self.q_norm is not None:
@@ -294,7 +300,7 @@ class Attention(nn.Module):
         flat = z.reshape(b, n, h * dh)
         if self.norm is not None:
             flat = self.norm(flat)
-        if cfg.use_attn_result:
+        if cfg.use_attn_result and is_hooked(self.hook_result):
             per_head = flat.reshape(b, n, h, dh)
             result = self.hook_result(torch.einsum("bphk,hkd->bphd", per_head, self.W_O))
             return result.sum(dim=2) + self.b_O
@@ -413,7 +419,9 @@ class Block(nn.Module):
     """A pre-norm transformer block. Hooks: ``hook_resid_pre``, ``hook_attn_out``,
     ``hook_resid_mid``, ``hook_mlp_out``, ``hook_resid_post`` ``[batch, pos, d_model]``;
     ``hook_q_input|hook_k_input|hook_v_input`` ``[batch, pos, head, d_model]`` with
-    ``cfg.use_split_qkv_input``. LayerScale is applied inside ``hook_attn_out``/``hook_mlp_out``."""
+    ``cfg.use_split_qkv_input``, ``hook_mlp_in`` ``[batch, pos, d_model]`` with
+    ``cfg.use_hook_mlp_in`` (TransformerLens's opt-in receiver inputs: patching one changes only
+    what that head / MLP reads). LayerScale is applied inside ``hook_attn_out``/``hook_mlp_out``."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -438,6 +446,8 @@ class Block(nn.Module):
                                       "(LayerScale applied)", alias="attn_out"),
             "hook_resid_mid": HookDecl(resid, "residual stream between attention and MLP",
                                        alias="resid_mid"),
+            "hook_mlp_in": HookDecl(resid, "opt-in copy of resid_mid feeding the MLP (before "
+                                    "ln2)", opt_in="use_hook_mlp_in", alias="mlp_in"),
         })
         self.ln2 = LayerNorm(cfg.d_model, cfg.eps, resid)
         self.mlp = MLP(cfg)
@@ -454,17 +464,30 @@ class Block(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         """One block; ``rope``: the rotary tables of the input's patch grid (rotary models)."""
         resid_pre = self.hook_resid_pre(resid_pre)
-        if self.cfg.use_split_qkv_input:
+        # The opt-in copies run only where someone hooks them (or ln1, whose axes they change);
+        # elsewhere the fused path computes the same values (up to rounding), faster.
+        split_hooks = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        if self.cfg.use_split_qkv_input and is_hooked(*split_hooks, self.ln1.hook_scale,
+                                                      self.ln1.hook_normalized):
             per_head = resid_pre.unsqueeze(2).expand(-1, -1, self.cfg.n_heads, -1)
-            inputs = [hook(per_head.clone())
-                      for hook in (self.hook_q_input, self.hook_k_input, self.hook_v_input)]
-            split = tuple(self.ln1(t) for t in inputs)
+            shared = None
+            if is_hooked(self.ln1.hook_scale, self.ln1.hook_normalized):
+                hooked = split_hooks  # ln1's hooks see per-head copies: all three
+            else:
+                hooked = tuple(h for h in split_hooks if is_hooked(h))
+                shared = self.ln1(resid_pre) if len(hooked) < 3 else None
+            # an input nobody hooks reads the shared (unsplit) normalised stream
+            inputs = [hook(per_head.clone()) if hook in hooked else None for hook in split_hooks]
+            split = tuple(shared if t is None else self.ln1(t) for t in inputs)
             attn = self.attn(split=split, rope=rope)
         else:
             attn = self.attn(self.ln1(resid_pre), rope=rope)
         attn_out = self.hook_attn_out(self.ls1(attn) if self.ls1 is not None else attn)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp = self.mlp(self.ln2(resid_mid))
+        if self.cfg.use_hook_mlp_in and is_hooked(self.hook_mlp_in):
+            mlp = self.mlp(self.ln2(self.hook_mlp_in(resid_mid.clone())))
+        else:
+            mlp = self.mlp(self.ln2(resid_mid))
         mlp_out = self.hook_mlp_out(self.ls2(mlp) if self.ls2 is not None else mlp)
         return self.hook_resid_post(resid_mid + mlp_out)
 

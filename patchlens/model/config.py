@@ -33,7 +33,7 @@ class ViTConfig(TransformerLensConfig):
 
     The TransformerLens fields (``d_model``, ``d_head``, ``n_heads``, ``n_layers``, ``d_mlp``,
     ``n_ctx``, ``eps``, ``act_fn``, ``normalization_type``, ``use_attn_result``,
-    ``use_split_qkv_input``) keep their TransformerLens meaning; ``n_ctx`` is the number of
+    ``use_split_qkv_input``, ``use_hook_mlp_in``) keep their TransformerLens meaning; ``n_ctx`` is the number of
     tokens at the native image size and is derived when left at 0.
 
     Vision fields:
@@ -109,6 +109,7 @@ class ViTConfig(TransformerLensConfig):
     eps: float = 1e-6
     act_fn: str = "gelu"
     device: str | None = "cpu"
+    use_hook_mlp_in: bool = False
     image_size: tuple[int, int] = (224, 224)
     patch_size: tuple[int, int] = (16, 16)
     in_channels: int = 3

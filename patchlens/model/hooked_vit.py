@@ -513,8 +513,9 @@ class HookedViT(WeightViews, HookedRootModule):
 
     @contextlib.contextmanager
     def options(self, **flags: bool) -> Iterator[HookedViT]:
-        """Temporarily set config flags, e.g. ``use_attn_result=True`` or
-        ``use_split_qkv_input=True`` (the opt-in hooks ``hook_result`` / ``hook_q_input``...)."""
+        """Temporarily set config flags, e.g. ``use_attn_result=True``,
+        ``use_split_qkv_input=True`` or ``use_hook_mlp_in=True`` (the opt-in hooks
+        ``hook_result`` / ``hook_q_input``... / ``hook_mlp_in``)."""
         allowed = set(OPTION_FLAGS)
         bad = set(flags) - allowed
         if bad:
@@ -533,6 +534,9 @@ class HookedViT(WeightViews, HookedRootModule):
 
     def set_use_split_qkv_input(self, on: bool) -> None:
         self.cfg.use_split_qkv_input = on
+
+    def set_use_hook_mlp_in(self, on: bool) -> None:
+        self.cfg.use_hook_mlp_in = on
 
     def hook_table(self, image_size: tuple[int, int] | None = None) -> list[dict[str, str]]:
         """One row per hook point: the schema (name, axes, opt-in flag, alias, what it holds)

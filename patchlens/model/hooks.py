@@ -34,7 +34,7 @@ HEAD_AXIS = "head"
 #: the axis a sparse-autoencoder's features live on
 FEATURE_AXIS = "feature"
 #: config flags that switch opt-in hooks on (`HookedViT.options`)
-OPTION_FLAGS = ("use_attn_result", "use_split_qkv_input")
+OPTION_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in")
 
 Stage = Literal["embed", "block", "head"]
 

@@ -81,6 +81,7 @@ class _Plan:
     flags: dict[str, bool]
     chunks: list[list[int]]
     layout: Any
+    reads: list[str] = field(default_factory=list)  # hooks interventions read (`Intervention.reads`)
 
 
 def parse_bytes(budget: str | int | float) -> int:
@@ -167,9 +168,9 @@ def run_variants(
             model.options(**plan.flags):
         sources = _reference_activations(model, plan.resolved, x.shape[0], batch_size)
         base = _base_residuals(model, x, sorted({s for s in plan.starts if s >= 0}))
-        # capture hooks that lie before a chunk's start layer hold the unpatched values
-        early = [h for h in capture if start_layer(model, model.hook_spec(h)) < max(plan.starts)
-                 and h not in grads]
+        # capture (and read) hooks that lie before a chunk's start layer hold the unpatched values
+        early = [h for h in dict.fromkeys(capture + plan.reads)
+                 if start_layer(model, model.hook_spec(h)) < max(plan.starts) and h not in grads]
         unpatched = _run_and_keep(model, x, early, x.shape[0]) if early else {}
     with model.options(**plan.flags):
         return _execute(model, x, variants, plan, sources, base, unpatched, metric=metric,
@@ -224,8 +225,9 @@ def _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_siz
         resolved.append(pairs)
         first = min((start_layer(model, rs.spec) for rs, _, _ in pairs), default=n)
         starts.append(min(first, grad_start) if prefix_reuse else -1)
+    reads = _check_reads(model, resolved)
     hooks = ({rs.hook for pairs in resolved for rs, _, _ in pairs} | set(capture) | set(grads)
-             | {name for name, _ in observers})
+             | {name for name, _ in observers} | set(reads))
     flags = required_options(model.hook_spec(h) for h in sorted(hooks))
 
     explicit = any(rs.spec.has_key_axis for pairs in resolved for rs, _, _ in pairs)
@@ -243,7 +245,18 @@ def _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_siz
             chunks[-1].append(i)
         else:
             chunks.append([i])
-    return _Plan(resolved, starts, flags, chunks, layout)
+    return _Plan(resolved, starts, flags, chunks, layout, reads)
+
+
+def _check_reads(model, resolved) -> list[str]:
+    """The hooks interventions read (`Intervention.reads`), checked against the model."""
+    out: dict[str, None] = {}
+    for pairs in resolved:
+        for _, _, iv in pairs:
+            if iv.reads:
+                model.check_hook_names(list(iv.reads))
+                out.update(dict.fromkeys(iv.reads))
+    return list(out)
 
 
 # ---- step 3: what every variant shares ------------------------------------------------------
@@ -317,7 +330,9 @@ def _execute(model, x, variants, plan: _Plan, sources, base, unpatched, *, metri
             entries = [_Entry(slot, vi, k, rs, site, iv)
                        for slot, vi in enumerate(chunk)
                        for k, (rs, site, iv) in enumerate(plan.resolved[vi])]
-            hooks = _patch_hooks(model, entries, b, plan.layout, sources)
+            live = _live_reads(model, entries, s, unpatched, len(chunk), differentiable)
+            hooks = _patch_hooks(model, entries, b, plan.layout, sources, live.acts)
+            hooks += live.hooks()
             keep = Capture([h for h in capture if h not in grads], clone=True)
             keep_grad = Capture(grads, keep_graph=True)
             hooks += keep.hooks() + keep_grad.hooks()
@@ -363,6 +378,9 @@ def _execute(model, x, variants, plan: _Plan, sources, base, unpatched, *, metri
 
 def _store(sink: dict[str, Tensor], name: str, act: Tensor, chunk: list[int], n_var: int,
            b: int) -> None:
+    if name not in sink and chunk == list(range(n_var)):  # one chunk, in order: no copy
+        sink[name] = act.reshape(n_var, b, *act.shape[1:])
+        return
     if name not in sink:
         sink[name] = act.new_zeros((n_var, b, *act.shape[1:]))
     sink[name][chunk] = act.reshape(len(chunk), b, *act.shape[1:])
@@ -389,7 +407,20 @@ def _apply_metric(metric: Metric | None, out: Tensor | None, n_var: int, b: int,
     return values.reshape(n_var, b)
 
 
-def _patch_hooks(model, entries: list[_Entry], b: int, layout, sources):
+def _live_reads(model, entries: list[_Entry], start: int, unpatched: dict[str, Tensor],
+                n_chunk: int, differentiable: bool) -> Capture:
+    """Keeps what the chunk's interventions read (`Intervention.reads`): a `Capture` of the read
+    hooks that fire in this run, pre-filled with the unpatched values of those before ``start``."""
+    reads = list(dict.fromkeys(h for e in entries for h in e.intervention.reads))
+    early = [h for h in reads if start_layer(model, model.hook_spec(h)) < start]
+    cap = Capture([h for h in reads if h not in early], keep_graph=differentiable)
+    for h in early:
+        cap.acts[h] = unpatched[h].repeat(n_chunk, *[1] * (unpatched[h].ndim - 1))
+    return cap
+
+
+def _patch_hooks(model, entries: list[_Entry], b: int, layout, sources,
+                 live: dict[str, Tensor] | None = None):
     """One hook function per patched hook point, applying its entries in vectorised groups."""
     by_hook: dict[str, list[_Entry]] = defaultdict(list)
     for e in entries:
@@ -405,12 +436,14 @@ def _patch_hooks(model, entries: list[_Entry], b: int, layout, sources):
                    None if rs.heads is None else len(rs.heads),
                    None if rs.features is None else len(rs.features))
             keyed[key].append(e)
-        plans = [(_gather(es, b, sizes), es) for es in keyed.values()]
+        plans = [(_gather(es, b, sizes, live if es[0].intervention.reads else None), es)
+                 for es in keyed.values()]
         hooks.append((name, _make_hook(plans, sources)))
     return hooks
 
 
-def _gather(es: list[_Entry], b: int, sizes: dict[str, int]) -> Gather:
+def _gather(es: list[_Entry], b: int, sizes: dict[str, int],
+            live: dict[str, Tensor] | None = None) -> Gather:
     """The `Gather` of a group of entries that share an intervention and selection sizes."""
     spec = es[0].site.spec
     ar = torch.arange(b)
@@ -441,7 +474,8 @@ def _gather(es: list[_Entry], b: int, sizes: dict[str, int]) -> Gather:
                              "lies before a token or head axis.")
         selections.append((axis, torch.stack([torch.arange(full) if p is None else p
                                               for p in picks])))
-    return Gather(rows, images, variants, tuple(selections), spec, valid)
+    return Gather(rows, images, variants, tuple(selections), spec, token_valid=valid,
+                  live=live)
 
 
 def _observer_hooks(observers, chunk: Tensor):
@@ -559,7 +593,7 @@ def capture(model, x: Tensor, hooks: Sequence[str], metric: Metric | None = None
             keep_outputs=True, prefix_reuse=False, progress=False))
 
     def cat(get):
-        return torch.cat([get(p)[0] for p in parts])
+        return get(parts[0])[0] if len(parts) == 1 else torch.cat([get(p)[0] for p in parts])
 
     output = (None if return_type is None
               else cat(lambda p: p.raw_outputs if metric is not None else p.outputs))

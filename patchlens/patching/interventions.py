@@ -35,6 +35,9 @@ class Gather:
     ``token_valid [E, B, k]`` marking real entries: padded entries are gathered (repeating a
     real index) but never written back. ``spec`` is the hook's `HookSpec`. The gathered
     tensor is ``[E, B, k_1, k_2, ..., *remaining axes]``.
+    ``live`` holds, for an intervention with `Intervention.reads`, the activations of the
+    running chunk at those hooks (``{hook: [rows, ...]}``, filled as the forward pass reaches
+    them).
     """
 
     rows: Tensor
@@ -43,6 +46,7 @@ class Gather:
     selections: tuple[tuple[int, Tensor], ...]
     spec: HookSpec
     token_valid: Tensor | None = None
+    live: dict[str, Tensor] | None = None
 
     @property
     def hook(self) -> str:
@@ -103,13 +107,23 @@ class Gather:
     def to(self, device) -> Gather:
         return Gather(self.rows.to(device), self.images.to(device), self.variants.to(device),
                       tuple((a, t.to(device)) for a, t in self.selections), self.spec,
-                      None if self.token_valid is None else self.token_valid.to(device))
+                      None if self.token_valid is None else self.token_valid.to(device),
+                      self.live)
 
 
 class Intervention:
-    """Base class. Subclasses implement `values` (and `prepare` if they use ``reference``)."""
+    """Base class. Subclasses implement `values` (and `prepare` if they use ``reference``).
+
+    ``reads`` names hooks of the *same* patched run whose activations `values` needs (an
+    intervention that is a function of upstream activations, e.g. edge ablations in
+    `patchlens.circuits`): the engine keeps them while each chunk runs and hands them over as
+    ``where.live[hook]`` ``[rows, ...]`` (after any patching at that hook; the unpatched values
+    for hooks before the chunk's start layer). At a patched hook, ``where.live`` holds the read
+    hooks that have fired so far in the forward pass (those earlier in the hook schema's order).
+    """
 
     reference: Tensor | None = None
+    reads: tuple[str, ...] = ()
 
     def prepare(self, acts: dict[str, Tensor], target_batch: int,
                 specs: dict[str, HookSpec]) -> dict[str, Tensor]:
