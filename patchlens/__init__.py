@@ -5,7 +5,7 @@ activations, trace paths, attribute with CAAP, and check how far interventions d
 model's natural distribution.
 """
 
-from patchlens import metrics, zoo
+from patchlens import das, metrics, zoo
 from patchlens.errors import (
     CheckpointMismatchError,
     InputError,
@@ -43,6 +43,7 @@ from patchlens.zeroshot import zeroshot_head
 __version__ = "0.1.0"
 
 __all__ = [
+    "das",
     "metrics",
     "zoo",
     "activation_patching",

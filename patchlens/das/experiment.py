@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from patchlens.das.pairs import CounterfactualPairs
-from patchlens.das.training import _patched, interchange_accuracy, prepare, train_intervention
+from patchlens.das.training import _accuracy, _patched, prepare, train_intervention
 from patchlens.diagnostics.training import counterfactual_latent_loss
 from patchlens.errors import InputError
 from patchlens.patching.engine import Variant
@@ -49,13 +49,13 @@ def divergence_figures(report) -> dict[str, Any]:
 
 
 def heldout_cl_loss(model, site: Site, iv: TrainableIntervention, pairs: CounterfactualPairs,
-                 batch_size: int = 256) -> float:
+                    batch_size: int = 256, cache: dict | None = None) -> float:
     """The CL loss of the patched vectors against the counterfactual inputs' natural vectors,
     averaged over ``pairs`` (NaN without counterfactual inputs)."""
     if pairs.counterfactual is None:
         return float("nan")
     prep = prepare(model, site, pairs.base, pairs.source, pairs.labels, pairs.counterfactual,
-                   batch_size)
+                   batch_size, cache)
     total, n = 0.0, len(pairs)
     for i in range(0, n, batch_size):
         idx = torch.arange(i, min(n, i + batch_size))
@@ -160,18 +160,20 @@ def das_sweep(model, train: CounterfactualPairs, test: CounterfactualPairs, *,
 
         bar = tqdm(total=len(combos), desc="DAS sweep", unit="run")
     rows, trained = [], {}
+    cache: dict = {}  # natural activations, shared by the runs at one hook
     try:
         for layer, name, sel, w in combos:
             site = Site(hook, layers=layer, tokens=sel)
             iv = intervention()
             t0 = time.perf_counter()
             res = train_intervention(model, site, iv, train, cl_weight=w, progress=False,
-                                     **train_kw)
+                                     activation_cache=cache, **train_kw)
             seconds = time.perf_counter() - t0
             row = {"layer": layer, "tokens": name, "cl_weight": w,
-                   "iia": interchange_accuracy(model, site, iv, test),
+                   "iia": _accuracy(model, site, iv, prepare(model, site, test.base, test.source,
+                                                             test.labels, cache=cache), 256),
                    "iia_validation": res.iia, "steps": res.steps, "stopped": res.stopped,
-                   "seconds": seconds, "cl_test": heldout_cl_loss(model, site, iv, test),
+                   "seconds": seconds, "cl_test": heldout_cl_loss(model, site, iv, test, cache=cache),
                    "n_interchanged": iv.n_interchanged()}
             if reference is not None:
                 rep = diagnose(model, test.base,

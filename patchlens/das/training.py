@@ -49,6 +49,13 @@ class _Prepared:
     cf: Tensor | None          # [N, *selection] counterfactual natural vectors at the site
     width: int
 
+    def subset(self, idx: Tensor) -> _Prepared:
+        def take(t):
+            return None if t is None else t[idx.to(t.device)]
+
+        return _Prepared(self.site, self.start, take(self.base), take(self.prefix),
+                         take(self.source), take(self.labels), take(self.cf), self.width)
+
 
 def resolve_one(model, site: Site, x: Tensor) -> ResolvedSite:
     """The single hook point of ``site`` (an intervention is trained at one hook)."""
@@ -85,24 +92,39 @@ def _as_pairs(pairs: Any, labels: Any, counterfactuals: Any, what: str):
     return pairs[0], pairs[1], labels, counterfactuals
 
 
+def _natural(model, x: Tensor, hooks: list[str], cache: dict | None,
+             batch_size: int) -> dict[str, Tensor]:
+    """Natural activations of ``x`` at ``hooks``, reusing those in ``cache`` (keyed by the
+    tensor's identity and the hook; the tensor is kept with them so the identity stays valid)."""
+    if cache is None:
+        return natural_activations(model, x, hooks, batch_size)
+    missing = [h for h in hooks if (id(x), h) not in cache]
+    if missing:
+        for h, a in natural_activations(model, x, missing, batch_size).items():
+            cache[(id(x), h)] = (x, a)
+    return {h: cache[(id(x), h)][1] for h in hooks}
+
+
 def prepare(model, site: Site, base: Tensor, source: Tensor, labels: Tensor,
-            counterfactuals: Tensor | None = None, batch_size: int = 128) -> _Prepared:
-    """Check a set of pairs and compute what every patched run on them reuses."""
+            counterfactuals: Tensor | None = None, batch_size: int = 128,
+            cache: dict | None = None) -> _Prepared:
+    """Compute what every patched run on a set of pairs reuses (``cache``: a dict shared by
+    calls on the same image tensors, e.g. runs at one hook with several token groups)."""
     p = next(model.parameters())
-    base, source = base.to(p.device, p.dtype), source.to(p.device, p.dtype)
+    base, source = base.to(p.device, p.dtype), source.to(p.device, p.dtype)  # same objects if
+    if counterfactuals is not None:                                         # nothing changes
+        counterfactuals = counterfactuals.to(p.device, p.dtype)
     model.check_images(base)
     rs = resolve_one(model, site, base)
     start = start_layer(model, rs.spec)
     start = start if 0 <= start < model.cfg.n_layers else None
     hooks = [rs.hook] + ([f"blocks.{start}.hook_resid_pre"] if start is not None else [])
-    nat = natural_activations(model, base, hooks, batch_size)
-    src = natural_activations(model, source, [rs.hook], batch_size)[rs.hook]
+    nat = _natural(model, base, hooks, cache, batch_size)
+    src = _natural(model, source, [rs.hook], cache, batch_size)[rs.hook]
     width = int(nat[rs.hook].shape[-1])
     cf = None
     if counterfactuals is not None:
-        cf_act = natural_activations(model, counterfactuals.to(p.device, p.dtype), [rs.hook],
-                                     batch_size)[rs.hook]
-        cf = select(cf_act, rs)
+        cf = select(_natural(model, counterfactuals, [rs.hook], cache, batch_size)[rs.hook], rs)
     prefix = nat[hooks[1]] if start is not None else None
     return _Prepared(rs, start, base, prefix, src, labels.to(p.device), cf, width)
 
@@ -233,6 +255,7 @@ def train_intervention(
     seed: int = 0,
     progress: bool = True,
     eval_batch_size: int = 256,
+    activation_cache: dict | None = None,
 ) -> TrainResult:
     """Train ``intervention`` at ``site`` by interchange intervention training.
 
@@ -250,7 +273,11 @@ def train_intervention(
         eval_every, patience, target_iia: held-out IIA every ``eval_every`` steps; stop when it
             reaches ``target_iia`` (None: never) or has not improved for ``patience`` evaluations
             (None: never); the best state is restored (of equal ones, the latest).
-        seed: order of the training pairs (the intervention's initialisation has its own seed).
+        seed: order of the training pairs and of the held-out split (the intervention's
+            initialisation has its own seed).
+        activation_cache: a dict shared by calls on the same image tensors: the natural
+            activations (which do not depend on the intervention) are computed once
+            (`patchlens.das.experiment.das_sweep` shares them between its runs).
 
     Returns:
         `TrainResult`; the intervention is trained in place, its ``site`` and ``meta`` set.
@@ -284,10 +311,6 @@ def train_intervention(
         if n_held >= base.shape[0]:
             raise InputError(f"{base.shape[0]} pair(s) cannot be split into training and held-out "
                              "pairs; pass more pairs or held_out=.")
-        tr, ho = perm[n_held:], perm[:n_held]
-        hb, hs, hl = base[ho], source[ho], labels[ho]
-        base, source, labels = base[tr], source[tr], labels[tr]
-        cf = None if cf is None else cf[tr]
     else:
         if isinstance(held_out, CounterfactualPairs):
             hb, hs, hl = held_out.base, held_out.source, held_out.labels
@@ -301,13 +324,18 @@ def train_intervention(
                              f"{tuple(base.shape)} differ in size.")
 
     t0 = time.perf_counter()
-    train = prepare(model, site, base, source, labels, cf if cl_weight > 0 else None)
-    held = prepare(model, site, hb, hs, hl, batch_size=eval_batch_size)
+    train = prepare(model, site, base, source, labels, cf if cl_weight > 0 else None,
+                    cache=activation_cache)
+    if held_out is None:
+        train, held = train.subset(perm[n_held:]), train.subset(perm[:n_held])
+    else:
+        held = prepare(model, site, hb, hs, hl, batch_size=eval_batch_size,
+                       cache=activation_cache)
     p = next(model.parameters())
     intervention.build(train.width, dtype=p.dtype).to(device=p.device, dtype=p.dtype)
     params = [q for q in intervention.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    n = base.shape[0]
+    n = train.labels.shape[0]
     b = min(batch_size, n)
 
     def evaluate() -> float:
@@ -384,7 +412,7 @@ def train_intervention(
     intervention.meta.update({"iia": best, "step": best_step, "cl_weight": float(cl_weight),
                               "model": fingerprint(model)})
     return TrainResult(intervention, site, best, best_step, history, stopped,
-                       time.perf_counter() - t0, step, n, hb.shape[0], float(cl_weight))
+                       time.perf_counter() - t0, step, n, held.labels.shape[0], float(cl_weight))
 
 
 __all__ = ["TrainResult", "interchange_accuracy", "prepare", "resolve_one", "select",
