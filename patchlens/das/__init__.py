@@ -10,7 +10,9 @@ The interventions (`RotatedSubspace`, `LowRankRotatedSubspace`, `BoundlessRotate
 in `patchlens.patching.trainable` and are ordinary engine interventions.
 """
 
+from patchlens.das.experiment import DASSweep, das_sweep, divergence_figures
 from patchlens.das.pairs import CounterfactualPairs, digit_pairs, marker_pairs
+from patchlens.das.recipe import interchange_recipe
 from patchlens.das.training import TrainResult, interchange_accuracy, train_intervention
 from patchlens.patching.trainable import (
     BoundlessRotatedSubspace,
@@ -23,12 +25,16 @@ from patchlens.patching.trainable import (
 __all__ = [
     "BoundlessRotatedSubspace",
     "CounterfactualPairs",
+    "DASSweep",
     "LowRankRotatedSubspace",
     "RotatedSubspace",
     "TrainResult",
     "TrainableIntervention",
+    "das_sweep",
     "digit_pairs",
+    "divergence_figures",
     "interchange_accuracy",
+    "interchange_recipe",
     "load_intervention",
     "marker_pairs",
     "train_intervention",
