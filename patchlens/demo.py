@@ -36,38 +36,57 @@ def _pairs_from_paths(model, paths: Sequence[str]):
 
 def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | None = None,
              out: str | Path = "patchlens-report.html", n_images: int = 4, seed: int = 0,
-             quiet: bool = False) -> dict[str, Any]:
-    """Run the study and write the report; returns a summary dict (numbers and the path)."""
+             quiet: bool = False, plotlyjs: str = "inline") -> dict[str, Any]:
+    """Run the study and write the report; returns a summary dict (numbers and the path).
+
+    Prints each step's name as it starts (also when stdout is not a terminal), then a summary
+    table; ``quiet`` prints nothing. ``plotlyjs``: ``"inline"`` (offline report) or ``"cdn"``."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
     import patchlens as pl
+    from patchlens.errors import InputError
     from patchlens.report import Report
 
+    if not isinstance(n_images, int) or isinstance(n_images, bool) or n_images < 1:
+        raise InputError(f"n_images must be a positive int (the number of zoo images), got "
+                         f"{n_images!r}.")
     console = Console(quiet=quiet)
     t_start = time.perf_counter()
-    model = pl.HookedViT.from_pretrained(model_name)
-    cfg = model.cfg
-    if images:
-        clean_img, corrupt_img, labels, data = _pairs_from_paths(model, images)
-    else:
-        clean_img, corrupt_img, labels, data = _pairs_from_zoo(model, n_images, seed)
-    clean, corrupted = model.preprocess(clean_img), model.preprocess(corrupt_img)
-    summary: dict[str, Any] = {"model": model_name, "n_images": clean.shape[0]}
-    report = Report(f"patchlens study: {model_name}")
-    report.text(f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, patch grid "
-                f"{cfg.grid_size[0]}x{cfg.grid_size[1]}, prefix tokens {list(model.layout.prefix)}; "
-                f"{clean.shape[0]} images. Corrupted inputs: "
-                + ("the digit erased (filled with the median background colour)." if data is not None
-                   else "a strong Gaussian blur of each image."))
-
-    steps = ["predictions", "activation patching", "path patching", "CAAP and baselines",
-             "divergence"]
+    steps = ["loading the model and images", "predictions",
+             "activation patching (layer x token, layer x head)",
+             "path patching (every head -> logits)", "CAAP and two baselines, deletion/insertion",
+             "divergence of the interventions", "writing the report"]
     with Progress(console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("study", total=len(steps))
 
+        def step(i: int) -> None:
+            """Name the step on the bar and as a line (flushed: shown when piped too)."""
+            if i > 0:
+                progress.advance(task)
+            progress.update(task, description=steps[i])
+            console.print(f"[{i + 1}/{len(steps)}] {steps[i]} "
+                          f"({time.perf_counter() - t_start:.0f} s)", highlight=False)
+
+        step(0)
+        model = pl.HookedViT.from_pretrained(model_name)
+        cfg = model.cfg
+        if images:
+            clean_img, corrupt_img, labels, data = _pairs_from_paths(model, images)
+        else:
+            clean_img, corrupt_img, labels, data = _pairs_from_zoo(model, n_images, seed)
+        clean, corrupted = model.preprocess(clean_img), model.preprocess(corrupt_img)
+        summary: dict[str, Any] = {"model": model_name, "n_images": clean.shape[0]}
+        report = Report(f"patchlens study: {model_name}")
+        report.text(f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, patch "
+                    f"grid {cfg.grid_size[0]}x{cfg.grid_size[1]}, prefix tokens "
+                    f"{list(model.layout.prefix)}; {clean.shape[0]} images. Corrupted inputs: "
+                    + ("the digit erased (filled with the median background colour)."
+                       if data is not None else "a strong Gaussian blur of each image."))
+
         # 1. predictions
+        step(1)
         with torch.inference_mode():
             logits = model(clean)
         probs = logits.softmax(-1)
@@ -79,9 +98,9 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
             summary["accuracy"] = float((pred == labels).float().mean())
         report.heading("Predictions").table(rows)
         report.figure(_image_strip(clean_img, corrupt_img), "Top: clean inputs. Bottom: corrupted.")
-        progress.advance(task)
 
         # 2. activation patching (denoising, normalised recovery of the predicted class)
+        step(2)
         metric = pl.metrics.recovery(pl.metrics.logit(pred))
         act = pl.activation_patching(model, clean, corrupted, metric, site="resid_pre",
                                      per="token", progress=False)
@@ -95,30 +114,31 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
         report.figure(act.plot(kind="grid", image=clean_img[0]), "maps over the first image")
         report.figure(heads.plot(), "layer x head (head outputs, all tokens)")
         report.table(act.top(5), "largest effects")
-        progress.advance(task)
 
         # 3. path patching: direct effect of every head on the logits
+        step(3)
         path = pl.path_patching(model, clean, corrupted, pl.all_heads(model),
                                 pl.Node("resid_final"), pl.metrics.logit(pred), normalize=True,
                                 progress=False)
         summary["path_top"] = path.top(3).to_dict(orient="records")
         report.heading("Path patching (every head -> logits, direct path)")
         report.figure(path.plot(), "normalised direct effect")
-        progress.advance(task)
 
         # 4. CAAP and baselines, with deletion / insertion
+        step(4)
         caap_rows = _attribution_section(model, clean, pred, clean_img, report)
         if caap_rows:
             summary["attribution"] = caap_rows
-        progress.advance(task)
 
         # 5. divergence of the interventions
+        step(5)
         div = _divergence_section(model, clean, corrupted, metric, report, seed)
         if div:
             summary["divergence"] = div
-        progress.advance(task)
 
-    path_out = report.save(out)
+        step(6)
+        path_out = report.save(out, plotlyjs=plotlyjs)
+        progress.advance(task)
     summary["report"] = str(path_out.resolve())
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
 
@@ -161,7 +181,8 @@ def _attribution_section(model, clean, pred, clean_img, report) -> list[dict]:
     rows = []
     step = max(1, model.layout.n_patches // 16)  # 16 deletion / insertion steps
     for name in ("caap", "chefer", "rollout"):
-        amap = METHODS[name](model, clean, target=pred)
+        kw = {"progress": False} if name == "caap" else {}  # the demo prints its own steps
+        amap = METHODS[name](model, clean, target=pred, **kw)
         rows.append({"method": name,
                      "deletion": float(deletion(model, clean, amap, target=pred, step=step).mean()),
                      "insertion": float(insertion(model, clean, amap, target=pred, step=step).mean())})

@@ -1,6 +1,8 @@
 """A self-contained HTML report: headings, text, tables and plotly figures in one file.
 
-plotly.js is inlined once, so the file opens offline in any browser.
+plotly.js is inlined once (``plotlyjs="inline"``, the default), so the file opens offline in
+any browser; ``plotlyjs="cdn"`` loads it from the plotly CDN instead (a file of kilobytes rather
+than ~4.8 MB, that needs the internet to show its figures).
 """
 
 from __future__ import annotations
@@ -71,18 +73,41 @@ class Report:
         self.parts.append(f'<div class="figure">{div}{cap}</div>')
         return self
 
-    def to_html(self) -> str:
-        from plotly.offline import get_plotlyjs
-
+    def to_html(self, plotlyjs: str = "inline") -> str:
+        """The page; ``plotlyjs``: ``"inline"`` (offline) or ``"cdn"`` (see the module doc)."""
         return (
             "<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<title>{html.escape(self.title)}</title><style>{_CSS}</style>"
-            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+            f"{_plotlyjs_tag(plotlyjs)}</head><body>"
             f"<h1>{html.escape(self.title)}</h1>" + "\n".join(self.parts) + "</body></html>"
         )
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, plotlyjs: str = "inline") -> Path:
         path = Path(path)
+        page = self.to_html(plotlyjs)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_html(), encoding="utf-8")
+        path.write_text(page, encoding="utf-8")
         return path
+
+
+PLOTLYJS = ("inline", "cdn")
+
+
+def _plotlyjs_tag(mode: str) -> str:
+    """The ``<script>`` that provides plotly.js: the library itself, or a CDN reference with the
+    bundled version's subresource-integrity hash."""
+    import base64
+    import hashlib
+
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
+
+    if mode == "inline":
+        return f"<script type='text/javascript'>{get_plotlyjs()}</script>"
+    if mode == "cdn":
+        url = f"https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"
+        sri = base64.b64encode(hashlib.sha384(get_plotlyjs().encode()).digest()).decode()
+        return (f"<script charset='utf-8' src='{url}' integrity='sha384-{sri}' "
+                "crossorigin='anonymous'></script>")
+    from patchlens.errors import InputError
+
+    raise InputError(f"plotlyjs must be one of {PLOTLYJS}, got {mode!r}.")

@@ -86,3 +86,18 @@ def cycles(graph: dict[str, set[str]], ignore_parents: bool = True) -> list[list
         if v not in index:
             visit(v)
     return out
+
+
+def collapse(graph: dict[str, set[str]], depth: int) -> dict[str, set[str]]:
+    """The graph between packages: every module is replaced by its first ``depth`` name parts
+    (``depth=2``: ``patchlens.recipes.caap`` -> ``patchlens.recipes``); edges inside one
+    package disappear. ``cycles(collapse(g, 2))`` finds cycles between subpackages that no
+    single pair of modules shows, e.g. ``recipes -> attribution -> recipes`` through different
+    modules."""
+    def top(m: str) -> str:
+        return ".".join(m.split(".")[:depth])
+
+    out: dict[str, set[str]] = {}
+    for m, targets in graph.items():
+        out.setdefault(top(m), set()).update(top(t) for t in targets if top(t) != top(m))
+    return out

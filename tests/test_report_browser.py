@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
 
@@ -12,13 +14,31 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
 
 @pytest.fixture(scope="module")
-def report_path(tmp_path_factory):
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """The demo on 2 images: the report's path and what it printed (stdout not a terminal)."""
     from patchlens.demo import run_demo
 
     out = tmp_path_factory.mktemp("report") / "report.html"
-    summary = run_demo(out=out, n_images=2, quiet=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = run_demo(out=out, n_images=2)
     assert Path(summary["report"]) == out.resolve()
-    return out
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def report_path(demo_run) -> Path:
+    return demo_run[0]
+
+
+def test_demo_names_each_step_when_piped(demo_run):
+    lines = demo_run[1].splitlines()
+    steps = [line for line in lines if line.startswith("[")]
+    assert [s.split("]")[0] + "]" for s in steps] == [f"[{i}/7]" for i in range(1, 8)]
+    for name in ("predictions", "activation patching", "path patching", "CAAP",
+                 "divergence", "writing the report"):
+        assert sum(name in s for s in steps) == 1, name
+    assert lines.index(steps[-1]) < next(i for i, line in enumerate(lines) if "report:" in line)
 
 
 def test_report_is_self_contained(report_path):

@@ -4,11 +4,16 @@ bad inputs. Subprocess tests launch real processes (accelerate launch / python) 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +24,9 @@ import patchlens
 from patchlens import HookedViT, ViTConfig
 from patchlens.errors import InputError
 from patchlens.run import (
+    RunEnvironmentWarning,
+    RunLock,
+    RunLockedError,
     ShardError,
     accelerate_command,
     cli_main,
@@ -28,6 +36,7 @@ from patchlens.run import (
     per_example,
     values,
 )
+from patchlens.run import lock as L
 from patchlens.run import shards as S
 
 N, SHARD, BATCH = 22, 5, 4  # 5 shards, the last one short; batches do not divide shards
@@ -117,6 +126,18 @@ def test_reference_layout(reference):
     assert index[-1]["start"] == 20 and index[-1]["stop"] == 22
     for r in index:
         assert S.sha256_file(reference / r["file"]) == r["sha256"]
+        assert r["environment"] == m["environment"]
+    # what bitwise reproducibility depends on is recorded (the fixture pins one thread)
+    env = m["environment"]
+    assert env["torch"] == torch.__version__ and env["device"].startswith("cpu")
+    assert (env["dtype"], env["threads"], env["batch_size"]) == ("float32", 1, BATCH)
+    assert env["attention"].startswith("sdpa:")
+    fp = m["fingerprint"]
+    assert fp["recipe"]["name"] == "caap" and fp["recipe"]["args"]["layers"] == [0, 2]
+    assert fp["data"] == {"zoo": "clutter-digits", "n": N, "split": "test", "seed": 0,
+                          "pairs": False}
+    assert len(fp["model"]["weights"]) == 64
+    assert not (reference / L.LOCK).exists()  # released at the end
 
 
 def test_two_processes_match_one(reference, model_json, tmp_path):
@@ -249,10 +270,12 @@ def test_adapters(tmp_path):
             list(zip(clean, corrupted)), tmp_path / "act", model=m, batch_size=2, shard_size=4,
             verbose=False)
     res = load_results(tmp_path / "act")
-    direct = patchlens.activation_patching(m, clean[:2], corrupted[:2],
-                                           patchlens.metrics.logit(torch.arange(2)), per="layer")
-    assert res["per_example"].shape == (4, 2)
-    torch.testing.assert_close(res["per_example"][:2], direct.per_example.T)
+    assert res["per_example"].shape == (4, 2)  # batch-first: [item, layer]
+    for i in range(4):  # row i is pair i's own sweep
+        single = patchlens.activation_patching(m, clean[i:i + 1], corrupted[i:i + 1],
+                                               patchlens.metrics.logit(torch.tensor([i])),
+                                               per="layer", progress=False)
+        torch.testing.assert_close(res["per_example"][i], single.values)
     dataset(values(patchlens.caap, layers=(0, 2), progress=False), clean, tmp_path / "caap",
             model=m, batch_size=4, shard_size=4, verbose=False)
     torch.testing.assert_close(load_results(tmp_path / "caap")["values"],
@@ -302,9 +325,278 @@ def test_cli_errors(model_json, tmp_path, capsys):
     assert res["per_example"].shape == (N, 1, 17) and res["clean"].shape == (N,)
 
 
+# ---- resume safety: fingerprint, environment, lock -----------------------------------------------
+def _counting(calls: list):
+    def rec(model, batch):
+        calls.append(len(batch["index"]))
+        return {"logits": model(batch["images"])}
+
+    return rec
+
+
+def test_resume_refuses_another_model_recipe_or_dataset(tmp_path):
+    """Each mismatch is refused before anything is computed; the finished shards stay as they
+    were. A model with the same weights (another object) resumes."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    out, calls = tmp_path / "r", []
+    kw = {"batch_size": 2, "shard_size": 2, "verbose": False}
+    dataset(_counting(calls), x, out, model=_tiny_model(0), **kw)
+    shards = _shard_bytes(out)
+    calls.clear()
+    with pytest.raises(InputError, match="another model"):
+        dataset(_counting(calls), x, out, model=_tiny_model(1), **kw)
+    with pytest.raises(InputError, match="another dataset"):
+        dataset(_counting(calls), x + 1, out, model=_tiny_model(0), **kw)  # as many items
+    with pytest.raises(InputError, match="another recipe"):
+        dataset(_counting(calls), x, out, model=_tiny_model(0), recipe_args={"v": 2}, **kw)
+    assert calls == [] and _shard_bytes(out) == shards
+    s = dataset(_counting(calls), x, out, model=_tiny_model(0), **kw)  # same weights: resumes
+    assert (s.skipped_shards, s.computed_shards, calls) == (2, 0, [])
+
+    # adapters record the method and its arguments; image paths identify a dataset by path
+    m = _tiny_model(0)
+    caap = values(patchlens.caap, layers=(0, 2), progress=False)
+    dataset(caap, x, tmp_path / "c", model=m, **kw)
+    with pytest.raises(InputError, match="another recipe or other recipe arguments"):
+        dataset(values(patchlens.caap, layers=(0, 1)), x, tmp_path / "c", model=m, **kw)
+    dataset(values(patchlens.caap, layers=(0, 2)), x, tmp_path / "c", model=m, **kw)  # progress is neutral
+    from PIL import Image
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        for i in range(2):
+            Image.new("RGB", (32, 32), (i * 50, 0, 0)).save(tmp_path / d / f"{i}.png")
+    dataset(_logits, str(tmp_path / "a"), tmp_path / "p", model=m, **kw)
+    with pytest.raises(InputError, match="another dataset"):
+        dataset(_logits, str(tmp_path / "b"), tmp_path / "p", model=m, **kw)
+
+
+def test_fingerprint_describes_values_not_identities():
+    from patchlens.run.fingerprint import describe
+
+    logit = patchlens.metrics.logit
+    assert describe(logit(torch.tensor([1, 2]))) == describe(logit(torch.tensor([1, 2])))
+    assert describe(logit(torch.tensor([1, 2]))) != describe(logit(torch.tensor([1, 3])))
+    assert describe(per_batch(lambda b: b)) == describe(per_batch(lambda b: b))
+    a, b = values(patchlens.caap, layers=(0, 2)), values(patchlens.caap, layers=(0, 2), progress=False)
+    assert describe(a) == describe(b) != describe(values(patchlens.caap, layers=(1, 2)))
+    assert "0x" not in json.dumps(describe({"m": torch.nn, "f": describe}))
+
+
+def test_resume_in_another_environment_warns(tmp_path):
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    m, out = _tiny_model(), tmp_path / "r"
+    dataset(_logits, x, out, model=m, batch_size=2, shard_size=2, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same environment: no warning
+        dataset(_logits, x, out, model=m, batch_size=2, shard_size=2, verbose=False)
+    with _threads(2), pytest.warns(RunEnvironmentWarning, match=r"threads: 1 -> 2"):
+        dataset(_logits, x, out, model=m, batch_size=2, shard_size=2, verbose=False)
+    with pytest.warns(RunEnvironmentWarning, match=r"batch_size: 2 -> 3"):
+        dataset(_logits, x, out, model=m, batch_size=3, shard_size=2, verbose=False)
+    # the model's dtype is part of its identity (its weights' bytes): another model, refused
+    with pytest.raises(InputError, match="another model"):
+        dataset(_logits, x.double(), out, model=_tiny_model().double(), batch_size=2,
+                shard_size=2, verbose=False)
+
+
+@pytest.mark.parametrize("use_flock", [True, False], ids=["flock", "pidfile"])
+def test_lock_refuses_a_live_second_writer(tmp_path, monkeypatch, use_flock):
+    if not use_flock:
+        monkeypatch.setattr(L, "fcntl", None)
+    out = tmp_path / "r"
+    x = torch.randn(2, 3, 32, 32)
+    holder = RunLock(out).acquire()  # a live writer (this process, another open of the file)
+    try:
+        with pytest.raises(RunLockedError, match=f"being written by process {os.getpid()}"):
+            dataset(_logits, x, out, model=_tiny_model(), verbose=False)
+        assert not (out / S.MANIFEST).exists()  # refused before touching anything
+    finally:
+        holder.release()
+    assert not (out / L.LOCK).exists()
+    assert dataset(_logits, x, out, model=_tiny_model(), verbose=False).computed_shards == 1
+    assert not (out / L.LOCK).exists()
+
+
+@pytest.mark.parametrize("use_flock", [True, False], ids=["flock", "pidfile"])
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatch, use_flock):
+    if not use_flock:
+        monkeypatch.setattr(L, "fcntl", None)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert not L.pid_alive(p.pid) and L.pid_alive(os.getpid())
+    out = tmp_path / "r"
+    out.mkdir()
+    record = {"pid": p.pid, "host": socket.gethostname(), "since": "2000-01-01T00:00:00"}
+    (out / L.LOCK).write_text(json.dumps(record))
+    x = torch.randn(2, 3, 32, 32)
+    assert dataset(_logits, x, out, model=_tiny_model(), verbose=False).computed_shards == 1
+    assert not (out / L.LOCK).exists()
+    if not use_flock:  # without flock, a lock of another host cannot be judged: refused
+        (out / L.LOCK).write_text(json.dumps({**record, "host": "another-host"}))
+        with pytest.raises(RunLockedError, match="another-host"):
+            dataset(_logits, x, out, model=_tiny_model(), verbose=False)
+
+
+def _alive_ranks(pids: list[int]) -> list[int]:
+    return [p for p in pids if L.pid_alive(p)]
+
+
+def test_watchdog_only_under_a_launcher(monkeypatch):
+    from patchlens.run.launch import LAUNCHER_ENV, launched_by_launcher
+
+    for k in (*LAUNCHER_ENV, "PATCHLENS_WATCH_LAUNCHER"):
+        monkeypatch.delenv(k, raising=False)
+    assert not launched_by_launcher()  # a plain process (e.g. under nohup) keeps running
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launched_by_launcher()
+    monkeypatch.setenv("PATCHLENS_WATCH_LAUNCHER", "0")
+    assert not launched_by_launcher()
+
+
+def test_ranks_exit_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL of `accelerate launch`: both ranks (in their own sessions, idle) exit within
+    a few seconds, by their launcher watchdog."""
+    log = tmp_path / "log.txt"
+    cmd = accelerate_command(["--hold", str(tmp_path)], num_processes=2, script=__file__)
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(cmd, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 100
+        while len(pids) < 2:
+            assert launcher.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.2)
+            pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))
+                    if p.read_text().strip()]
+        assert _alive_ranks(pids) == pids
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while _alive_ranks(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _alive_ranks(pids) == [], log.read_text()[-3000:]
+        time.sleep(0.2)
+        assert log.read_text().count("the launcher (pid") == 2
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for p in _alive_ranks(pids):
+            os.kill(p, signal.SIGKILL)
+
+
+# ---- errors of `patchlens run`: one line, exit 2 ------------------------------------------------
+def _error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _cli(model_json, out, *extra, data="zoo:clutter-digits:3", recipe="logits"):
+    return cli_main([recipe, data, "--out", str(out), "--model", model_json, "--no-progress",
+                     *extra])
+
+
+def test_cli_unknown_zoo_split(model_json, tmp_path, capsys):
+    assert _cli(model_json, tmp_path / "o", data="zoo:clutter-digits:3:validation") == 2
+    line = _error_line(capsys)
+    assert "'validation'" in line and "train, test" in line
+
+
+def test_cli_out_under_a_file_or_unwritable(model_json, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    assert _cli(model_json, tmp_path / "file" / "run") == 2
+    assert "is a file, not a directory" in _error_line(capsys)
+
+    def denied(self, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    assert _cli(model_json, tmp_path / "ro" / "run") == 2
+    line = _error_line(capsys)
+    assert "Permission denied" in line and "--out" in line
+
+
+def test_cli_malformed_model_record(model_json, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"config": {"d_model": 32,}')
+    assert _cli(str(bad), tmp_path / "o") == 2
+    line = _error_line(capsys)
+    assert "bad.json is not valid JSON" in line and "line 1" in line
+
+
+def test_cli_model_record_without_sha256(model_json, tmp_path, capsys):
+    rec = json.loads(Path(model_json).read_text())
+    del rec["sha256"]
+    nosha = Path(model_json).with_name("nosha.json")
+    nosha.write_text(json.dumps(rec))
+    assert _cli(str(nosha), tmp_path / "o") == 2
+    assert "lacks ['sha256']" in _error_line(capsys)
+
+
+def test_cli_manifest_missing_keys(model_json, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / S.MANIFEST).write_text(json.dumps({"format": S.FORMAT, "n_items": 3}))
+    assert _cli(model_json, out) == 2
+    line = _error_line(capsys)
+    assert "lacks or has malformed keys" in line and "shard_size" in line and "--no-resume" in line
+    assert _cli(model_json, out, "--no-resume") == 0  # what the message says to do
+    assert load_results(out)["logits"].shape == (3, 10)
+
+
+def test_cli_disk_full(model_json, tmp_path, capsys, monkeypatch):
+    real = S.atomic_write_bytes
+
+    def full(path, data):
+        if str(path).endswith(".safetensors"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(S, "atomic_write_bytes", full)
+    out = tmp_path / "o"
+    assert _cli(model_json, out) == 2
+    line = _error_line(capsys)
+    assert "no space left on the device" in line and str(out) in line and "resume" in line
+    assert not (out / L.LOCK).exists()
+    monkeypatch.setattr(S, "atomic_write_bytes", real)
+    assert _cli(model_json, out) == 0  # after freeing space, the same command completes
+
+
+def test_cli_refuses_while_another_writer_runs(model_json, tmp_path, capsys):
+    out = tmp_path / "o"
+    with RunLock(out):
+        assert _cli(model_json, out) == 2
+    assert "being written by process" in _error_line(capsys)
+
+
+def test_run_help_shows_its_options(capsys):
+    assert cli_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for opt in ("--out", "--model", "--batch-size", "--shard-size", "--layers", "--corrupted",
+                "--site", "--no-resume", "--no-progress", "--no-verify", "--cpu"):
+        assert opt in text
+    assert "caap|activation|logits" in text
+
+
+def test_run_imports_go_one_way():
+    """No import cycle inside patchlens.run; process glue, file format, lock and fingerprint
+    import nothing of the runner, and only the package and __main__ import the CLI."""
+    from import_graph import cycles, import_graph
+
+    g = import_graph(ROOT / "patchlens" / "run", "patchlens.run")
+    assert cycles(g) == []
+    for base in ("launch", "shards", "lock", "fingerprint", "inputs"):
+        assert g[f"patchlens.run.{base}"] == set(), base
+    users = {m for m, deps in g.items() if "patchlens.run.cli" in deps}
+    assert users == {"patchlens.run", "patchlens.run.__main__"}
+
+
 # ---- the worker run in a subprocess (and in-process for resumes) ---------------------------------
 def _run_worker_recipe(out, model_json, die_at, how="exit", die_rank=None):
-    from patchlens.run.launch import _zoo_data, cli_recipe
+    from patchlens.run.cli import cli_recipe, zoo_data
     from patchlens.zoo.registry import load_from
 
     model = load_from(model_json)
@@ -318,11 +610,24 @@ def _run_worker_recipe(out, model_json, die_at, how="exit", die_rank=None):
             raise RuntimeError("boom")
         return inner(model, batch)
 
-    return dataset(recipe, _zoo_data(f"zoo:clutter-digits:{N}", model, False), out,
+    # the same recipe arguments whether this module runs as __main__ or under pytest
+    return dataset(recipe, zoo_data(f"zoo:clutter-digits:{N}", model, False), out,
                    model=model, batch_size=BATCH, shard_size=SHARD, progress=False,
-                   recipe_name="caap", verbose=False)
+                   recipe_name="caap", recipe_args=inner.run_spec, verbose=False)
 
 
+def _hold(folder: str) -> None:
+    """A launched rank that records its pid and idles (the launcher-death test)."""
+    from patchlens.run.launch import get_state
+
+    state = get_state()
+    Path(folder, f"rank{state.process_index}.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+if __name__ == "__main__" and sys.argv[1] == "--hold":  # python tests/test_run.py --hold DIR
+    _hold(sys.argv[2])
+    sys.exit(0)
 if __name__ == "__main__":  # python tests/test_run.py OUT MODEL_JSON DIE_AT [DIE_RANK]
     torch.set_num_threads(1)
     _run_worker_recipe(sys.argv[1], sys.argv[2], int(sys.argv[3]),

@@ -42,3 +42,21 @@ repaired = run.dataset(recipe, images, out, model=model, batch_size=8, shard_siz
                        progress=False)
 
 print("identical after repair:", torch.equal(run.load_results(out)["values"], maps))
+
+# %% [markdown]
+# `run.json` records what the results depend on: a fingerprint of the model, the recipe with its
+# arguments and the dataset, and the environment that bitwise reproducibility needs (torch
+# version, device, dtype, threads, attention backend, batch size). Resuming with another
+# fingerprint is refused before anything is computed; another environment only warns.
+
+# %%
+import json
+
+manifest = json.loads((out / "run.json").read_text())
+print("environment:", manifest["environment"])
+print("recipe:", manifest["fingerprint"]["recipe"])
+try:
+    run.dataset(run.values(pl.caap, layers=(3, 6), progress=False), images, out, model=model,
+                batch_size=8, shard_size=8, progress=False)
+except pl.errors.InputError as e:
+    print("refused:", str(e)[:160], "...")

@@ -154,7 +154,11 @@ class HookedViT(HookedRootModule):
     @property
     def hook_aliases(self) -> dict[str, dict[int | None, str]]:
         """Short names `Site` accepts: ``alias -> {layer (None outside blocks): hook name}``."""
-        return build_aliases(self.hook_specs)
+        specs = self.hook_specs
+        key = ("aliases", id(specs))
+        if key not in self._specs_cache:
+            self._specs_cache[key] = build_aliases(specs)
+        return self._specs_cache[key]
 
     def hook_spec(self, name: str) -> HookSpec:
         """The `HookSpec` of hook ``name`` (`UnknownHookError` with close matches if none)."""

@@ -38,6 +38,9 @@ def to_float_image(img: Any) -> Float[Tensor, "chan h w"]:
                 img = im.convert("RGB")
         except OSError as e:
             raise InputError(f"Could not read {path} as an image ({e}).") from e
+        except Image.DecompressionBombError as e:
+            raise InputError(f"Refused to read {path}: {e} If you trust the file, raise "
+                             "PIL.Image.MAX_IMAGE_PIXELS; otherwise pass a smaller image.") from e
     if isinstance(img, Image.Image):
         img = np.asarray(img.convert("RGB"))
     if isinstance(img, np.ndarray):

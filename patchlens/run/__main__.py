@@ -2,7 +2,7 @@
 
 import sys
 
-from patchlens.run.launch import cli_main
+from patchlens.run.cli import cli_main
 
 if __name__ == "__main__":
     sys.exit(cli_main(sys.argv[1:]))

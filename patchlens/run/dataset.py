@@ -8,12 +8,10 @@ shard files do not depend on the number of processes; shard ``k`` is computed by
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,20 @@ from torch import Tensor
 
 from patchlens.errors import InputError
 from patchlens.run import shards as S
-from patchlens.run.launch import all_reduce, barrier, get_state
-
-IMAGE_KEYS = ("images", "clean", "corrupted")
-
-RecipeFn = Callable[[Any, dict[str, Any]], dict[str, Tensor]]
+from patchlens.run.adapters import RecipeFn
+from patchlens.run.fingerprint import (
+    RunEnvironmentWarning,
+    check_fingerprint,
+    environment,
+    environment_changes,
+    fingerprint,
+    model_dtype,
+    recipe_identity,
+)
+from patchlens.run.inputs import as_items, collate, load_model
+from patchlens.run.launch import all_reduce, barrier, get_state, watch_launcher
+from patchlens.run.lock import RunLock
+from patchlens.run.progress import Progress
 
 
 @dataclass
@@ -55,156 +62,12 @@ class RunSummary:
                 f"{self.items_per_s:.1f} items/s on {self.world_size} process(es)")
 
 
-# ---- recipe adapters ----------------------------------------------------------------------------
-class per_batch:  # noqa: N801  (reads as a marker in keyword arguments)
-    """Mark a keyword argument of `values` / `per_example` as computed from the batch:
-    ``metric=per_batch(lambda batch: metrics.logit(batch["labels"]))``."""
-
-    def __init__(self, fn: Callable[[dict[str, Any]], Any]):
-        self.fn = fn
-
-
-def _inputs(batch: dict[str, Any]) -> tuple[Tensor, ...]:
-    if "clean" in batch and "corrupted" in batch:
-        return batch["clean"], batch["corrupted"]
-    if "images" not in batch:
-        raise InputError(f"The batch has no 'images' (or 'clean'/'corrupted'); keys: {sorted(batch)}.")
-    return (batch["images"],)
-
-
-def _kwargs(kwargs: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.fn(batch) if isinstance(v, per_batch) else v for k, v in kwargs.items()}
-
-
-def values(fn: Callable[..., Any], *, key: str = "values", **kwargs: Any) -> RecipeFn:
-    """Adapt an `AttributionMap`-returning method (``caap``, baselines) to a recipe function:
-    ``fn(model, images, **kwargs)`` -> ``{key: map.values [B, gh, gw], "target": [B]}``."""
-
-    def recipe(model, batch):
-        amap = fn(model, *_inputs(batch), **_kwargs(kwargs, batch))
-        out = {key: amap.values}
-        target = getattr(amap, "target", None)
-        if isinstance(target, Tensor) and target.ndim == 1:
-            out["target"] = target
-        return out
-
-    recipe.__name__ = getattr(fn, "__name__", "recipe")
-    return recipe
-
-
-def per_example(fn: Callable[..., Any], *, key: str = "per_example", **kwargs: Any) -> RecipeFn:
-    """Adapt a `PatchResult`-returning sweep (``activation_patching``, ``path_patching``):
-    ``fn(model, clean, corrupted, **kwargs)`` -> ``{key: per_example [B, *axes], "clean": [B],
-    "corrupted": [B]}`` (the batch axis moved first)."""
-
-    def recipe(model, batch):
-        res = fn(model, *_inputs(batch), **_kwargs(kwargs, batch))
-        if res.per_example is None:
-            raise InputError(f"{getattr(fn, '__name__', fn)} returned no per_example values.")
-        out = {key: res.per_example.movedim(-1, 0)}
-        for name in ("clean", "corrupted"):
-            v = getattr(res, name, None)
-            if isinstance(v, Tensor) and v.ndim == 1:
-                out[name] = v
-        return out
-
-    recipe.__name__ = getattr(fn, "__name__", "recipe")
-    return recipe
-
-
-# ---- data ---------------------------------------------------------------------------------------
-def _is_image_like(x: Any) -> bool:
-    if isinstance(x, (str, Path)):
-        return True
-    if isinstance(x, Tensor):
-        return x.ndim >= 2
-    shape = getattr(x, "shape", None)  # numpy array
-    if shape is not None:
-        return len(shape) >= 2
-    return type(x).__module__.startswith("PIL")
-
-
-def _as_dict(item: Any) -> dict[str, Any]:
-    """One item as a dict: images, (image, label, ...), (clean, corrupted) pairs or dicts."""
-    if isinstance(item, dict):
-        return item
-    if isinstance(item, (tuple, list)):
-        if len(item) == 2 and _is_image_like(item[0]) and _is_image_like(item[1]):
-            return {"clean": item[0], "corrupted": item[1]}
-        if not item:
-            raise InputError("An item of the dataset is an empty tuple.")
-        out = {"images": item[0]}
-        if len(item) > 1:
-            out["labels"] = item[1]
-        out.update({f"field{i}": v for i, v in enumerate(item[2:], start=2)})
-        return out
-    return {"images": item}
-
-
-def _needs_loading(v: list) -> bool:
-    return any(not isinstance(x, Tensor) for x in v)
-
-
-def collate(items: list[Any], index: range, model=None, device=None) -> dict[str, Any]:
-    """A batch dict from items: image paths / PIL / arrays go through ``model.preprocess``,
-    tensors are stacked as they are, numbers become tensors, strings stay lists; ``index`` holds
-    the item ids."""
-    dicts = [_as_dict(x) for x in items]
-    keys = list(dicts[0])
-    for d in dicts[1:]:
-        if list(d) != keys:
-            raise InputError(f"Items of one batch have different fields: {keys} vs {list(d)}.")
-    batch: dict[str, Any] = {}
-    for k in keys:
-        v = [d[k] for d in dicts]
-        if k in IMAGE_KEYS and _needs_loading(v):
-            if model is None:
-                raise InputError(f"Items hold image files or arrays ({k!r}); pass model= so they "
-                                 "can be preprocessed with model.preprocess.")
-            batch[k] = model.preprocess(v)
-        elif all(isinstance(x, Tensor) for x in v):
-            shapes = {tuple(x.shape) for x in v}
-            if len(shapes) > 1:
-                raise InputError(f"Items' {k!r} have different shapes {sorted(shapes)}; "
-                                 "resize them to one shape (or pass image paths and a model).")
-            batch[k] = torch.stack(v)
-        elif all(isinstance(x, (int, float, bool)) for x in v):
-            batch[k] = torch.tensor(v)
-        else:
-            batch[k] = v
-    batch["index"] = torch.arange(index.start, index.stop)
-    if device is not None:
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    return batch
-
-
-def as_items(data: Any) -> Any:
-    """An indexable sequence of items from a map-style Dataset, a tensor, a list, a directory or
-    glob string of images, or any other iterable (materialised as a list)."""
-    if isinstance(data, (str, Path)):
-        from patchlens.run.launch import image_paths
-
-        files = image_paths(str(data))
-        if not files:
-            raise InputError(f"No image files found in {str(data)!r} (a directory or glob).")
-        return files
-    if isinstance(data, torch.utils.data.IterableDataset):
-        return list(data)
-    if hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(data, dict):
-        return data
-    if isinstance(data, Iterable):
-        return list(data)
-    raise InputError(f"dataset must be a torch Dataset, a sequence, an iterable of items or a "
-                     f"directory/glob of images; got {type(data).__name__}.")
-
-
+# ---- the runner ---------------------------------------------------------------------------------
 def _resolve_model(model: Any, device) -> Any:
     if model is None:
         return None
     if isinstance(model, str):
-        from patchlens.run.launch import _load_model
-
-        model = _load_model(model)
+        model = load_model(model)
     if isinstance(model, torch.nn.Module):
         model = model.to(device).eval()
     return model
@@ -227,53 +90,6 @@ def _check_output(out: Any, n: int, k: int) -> dict[str, Tensor]:
     return res
 
 
-# ---- progress -----------------------------------------------------------------------------------
-class _Progress:
-    """A tqdm bar on the main process counting finished shards of all ranks (by watching the
-    sidecars in ``out_dir``) plus the main process's own batches in flight."""
-
-    def __init__(self, out: Path, n_items: int, shard_size: int, total: int, enabled: bool):
-        self.out, self.n, self.size, self.total = out, n_items, shard_size, total
-        self.inflight = 0
-        self.bar = None
-        self._stop = threading.Event()
-        self._thread = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=n_items, unit="item", desc="patchlens run", dynamic_ncols=True)
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-
-    def _done(self) -> int:
-        items = 0
-        with contextlib.suppress(OSError):
-            for e in os.scandir(self.out / S.SHARDS):
-                if e.name.endswith(".json") and not e.name.startswith("."):
-                    with contextlib.suppress(ValueError):
-                        start, stop = S.shard_range(int(e.name[:-5]), self.size, self.n)
-                        items += max(0, stop - start)
-        return items
-
-    def refresh(self) -> None:
-        if self.bar is not None:
-            self.bar.n = min(self.n, self._done() + self.inflight)
-            self.bar.refresh()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.5):
-            self.refresh()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.refresh()
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ---- the runner ---------------------------------------------------------------------------------
 def _check_int(name: str, v: Any) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
         raise InputError(f"{name} must be a positive int, got {v!r}.")
@@ -293,6 +109,8 @@ def dataset(
     verify: bool = True,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     recipe_name: str | None = None,
+    recipe_args: Any = None,
+    data_id: Any = None,
     verbose: bool = True,
     state: Any = None,
 ) -> RunSummary:
@@ -311,15 +129,28 @@ def dataset(
         model: a `HookedViT`, a model name (loaded on every process) or None; moved to the
             process's device.
         resume: skip shards already finished (checksum verified when ``verify``); False
-            deletes them and recomputes everything.
+            deletes them and recomputes everything. Resuming refuses (`InputError`, before
+            computing anything) a directory written with another model, recipe, recipe
+            arguments or dataset, and warns (`RunEnvironmentWarning`) when the environment
+            that bitwise reproducibility depends on differs (see `fingerprint.environment`).
         progress: one tqdm bar on the main process (None: when stderr is a terminal).
         transform: ``batch -> batch`` applied after collation (e.g. normalisation).
         recipe_name: recorded in the manifest (default: the function's name).
+        recipe_args: what identifies the recipe's arguments in the fingerprint (default: what
+            `values` / `per_example` record, else the function's qualified name). Pass it for
+            your own recipe functions whose behaviour depends on closure variables.
+        data_id: identity of the dataset in the fingerprint (default: computed from the
+            items; see `fingerprint.data_identity`).
         verbose: print the final summary on the main process.
         state: an accelerate `PartialState` (default `patchlens.run.launch.get_state`).
 
     Returns:
         `RunSummary`. Read the results with `load_results(out_dir)`.
+
+    Raises:
+        InputError: bad arguments, or resuming a directory of another run.
+        RunLockedError: another live process writes ``out_dir``.
+        ShardError: ``run.json`` is unreadable or malformed (pass ``resume=False``).
     """
     batch_size = _check_int("batch_size", batch_size)
     shard_size = _check_int("shard_size", shard_size)
@@ -331,14 +162,58 @@ def dataset(
     if n == 0:
         raise InputError("The dataset is empty: nothing to run.")
     state = state if state is not None else get_state()
-    rank, world = state.process_index, state.num_processes
-    total = S.n_shards(n, shard_size)
+    watch_launcher()
     name = recipe_name or getattr(recipe_fn, "__name__", type(recipe_fn).__name__)
+    model = _resolve_model(model, state.device)
+    fp = fingerprint(model, recipe_identity(name, recipe_fn, recipe_args), items, data_id)
+    env = environment(state.device, model_dtype(model), batch_size)
 
+    lock = RunLock(out) if state.is_main_process else None
+    try:
+        _lock_all(state, lock, out)
+        return _run(recipe_fn, items, out, model, state, name=name, fp=fp, env=env,
+                    batch_size=batch_size, shard_size=shard_size, resume=resume,
+                    progress=progress, verify=verify, transform=transform, verbose=verbose)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_all(state, lock: RunLock | None, out: Path) -> None:
+    """The main process takes the directory's lock; every process raises if it could not (so
+    no rank waits forever for a main process that gave up)."""
+    err = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except Exception as e:  # RunLockedError, or an OSError creating the directory
+            err = e
+    (failed,) = all_reduce(state, [1.0 if err is not None else 0.0], "max")
+    if failed:
+        raise err or InputError(f"The main process could not take the lock of {out} (see its "
+                                "error); nothing was computed.")
+
+
+def _run(recipe_fn, items, out: Path, model, state, *, name: str, fp: dict, env: dict,
+         batch_size: int, shard_size: int, resume: bool, progress: bool | None, verify: bool,
+         transform, verbose: bool) -> RunSummary:
+    """Check the manifest, plan this process's shards, compute them, write the index."""
+    n, rank, world = len(items), state.process_index, state.num_processes
+    total = S.n_shards(n, shard_size)
     # every process checks the manifest (so all raise alike); the main process prepares the dir
     manifest = S.read_manifest(out) if resume else None
     if manifest is not None:
         S.check_manifest(manifest, out, n, shard_size)
+        check_fingerprint(manifest["fingerprint"], fp, out)
+        changes = environment_changes(manifest["environment"], env)
+        if changes:
+            warnings.warn(
+                f"{out} was written in another environment ({'; '.join(changes)}; process "
+                f"{rank}): the shards computed now may differ in the last bits from the finished "
+                "ones. Shards are bitwise reproducible only with the same torch version, device, "
+                "dtype, thread count, attention backend and batch size; pass resume=False "
+                "(--no-resume) to recompute everything in one environment.",
+                RunEnvironmentWarning, stacklevel=3)
     if state.is_main_process:
         (out / S.SHARDS).mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -347,9 +222,8 @@ def dataset(
         S.remove_temp_files(out)
         if manifest is None:
             S.atomic_write_json(out / S.MANIFEST, S.make_manifest(
-                n, shard_size, name, {"batch_size": batch_size, "world_size": world}))
+                n, shard_size, name, fp, env, {"batch_size": batch_size, "world_size": world}))
     barrier(state)
-    model = _resolve_model(model, state.device)
 
     mine = list(range(rank, total, world))
     todo = []
@@ -363,7 +237,7 @@ def dataset(
 
     if progress is None:
         progress = sys.stderr.isatty()
-    bar = _Progress(out, n, shard_size, total, bool(progress) and state.is_main_process)
+    bar = Progress(out, n, shard_size, bool(progress) and state.is_main_process)
     t0 = time.perf_counter()
     computed_items = 0
     try:
@@ -385,7 +259,8 @@ def dataset(
                 tensors[S.ITEM_KEY] = torch.arange(start, stop)
                 S.write_shard(out, k, start, stop, tensors, {
                     "rank": rank, "world_size": world, "batch_size": batch_size,
-                    "recipe": name, "seconds": round(time.perf_counter() - t_shard, 4)})
+                    "recipe": name, "seconds": round(time.perf_counter() - t_shard, 4),
+                    "environment": env})
                 bar.inflight = 0
                 computed_items += stop - start
         seconds = time.perf_counter() - t0

@@ -2,7 +2,9 @@
 
 Layout of ``out_dir``::
 
-    run.json                  manifest: format, n_items, shard_size, n_shards, recipe, created
+    run.json                  manifest: format, n_items, shard_size, n_shards, recipe, created,
+                              fingerprint (model, recipe, data) and environment
+    run.lock                  held by the writing process (see `patchlens.run.lock`)
     shards/000000.safetensors tensors of items [0, S): every key has a leading item axis
     shards/000000.json        sidecar record: shard, start, stop, sha256, bytes, rank, created, keys
     index.jsonl               one sidecar record per line, in shard order (rewritten at the end)
@@ -32,7 +34,7 @@ from torch import Tensor
 from patchlens.errors import InputError, PatchlensError
 from patchlens.files import sha256_file
 
-FORMAT = "patchlens-run/1"
+FORMAT = "patchlens-run/2"
 MANIFEST = "run.json"
 INDEX = "index.jsonl"
 SHARDS = "shards"
@@ -78,8 +80,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-
-
 def remove_temp_files(out_dir: str | Path) -> int:
     """Delete temp files left by interrupted writes; returns how many."""
     n = 0
@@ -120,22 +120,48 @@ def check_out_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"out_dir {out} exists and is not a directory; pass a directory path.")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"out_dir {out} cannot be created: {parent} is a file, not a "
+                                 "directory; pass a path under a directory.")
+            break
     if (out / SHARDS).exists() and not (out / SHARDS).is_dir():
         raise InputError(f"{out / SHARDS} is not a directory; {out} is not a patchlens run dir.")
     return out
 
 
+# required manifest keys and their types
+MANIFEST_KEYS = {"format": str, "n_items": int, "shard_size": int, "n_shards": int,
+                 "recipe": str, "fingerprint": dict, "environment": dict}
+
+
 def read_manifest(out_dir: str | Path) -> dict | None:
-    """The manifest of ``out_dir``, or None when there is none."""
+    """The manifest of ``out_dir``, or None when there is none; `ShardError` when it is
+    unreadable, of another format, or lacks keys."""
     path = Path(out_dir) / MANIFEST
     if not path.exists():
         return None
+    fix = ("Pass resume=False (--no-resume) to recompute everything, or use another out_dir "
+           "(--out).")
     try:
         m = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ShardError(f"{path} is unreadable ({e}); delete it (and {SHARDS}/) to start over.") from e
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ShardError(f"{path} is not a {FORMAT} manifest; is {out_dir} a patchlens run dir?")
+        raise ShardError(f"{path} is unreadable ({e}). {fix}") from e
+    if not isinstance(m, dict) or not str(m.get("format", "")).startswith("patchlens-run/"):
+        raise ShardError(f"{path} is not a patchlens run manifest; is {out_dir} a patchlens run "
+                         f"directory? {fix}")
+    if m["format"] != FORMAT:
+        raise ShardError(f"{path} was written by another patchlens version (format "
+                         f"{m['format']}, this one reads {FORMAT}). {fix}")
+    bad = [k for k, t in MANIFEST_KEYS.items()
+           if not isinstance(m.get(k), t) or (t is int and isinstance(m.get(k), bool))]
+    if bad:
+        raise ShardError(f"{path} lacks or has malformed keys {bad} (it needs "
+                         f"{sorted(MANIFEST_KEYS)}). {fix}")
+    if m["n_shards"] != n_shards(m["n_items"], m["shard_size"]) or m["shard_size"] <= 0:
+        raise ShardError(f"{path} is inconsistent: n_shards={m['n_shards']} for n_items="
+                         f"{m['n_items']} and shard_size={m['shard_size']}. {fix}")
     return m
 
 
@@ -154,10 +180,11 @@ def check_manifest(m: dict, out_dir: str | Path, n_items: int, shard_size: int) 
         )
 
 
-def make_manifest(n_items: int, shard_size: int, recipe: str, extra: dict | None = None) -> dict:
+def make_manifest(n_items: int, shard_size: int, recipe: str, fingerprint: dict,
+                  environment: dict, extra: dict | None = None) -> dict:
     return {"format": FORMAT, "n_items": n_items, "shard_size": shard_size,
             "n_shards": n_shards(n_items, shard_size), "recipe": recipe, "created": now(),
-            **(extra or {})}
+            "fingerprint": fingerprint, "environment": environment, **(extra or {})}
 
 
 def clear_shards(out_dir: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""Helpers shared by the converters: strict loading and key renaming."""
+"""Helpers shared by the converters: strict loading, key renaming, module inspection and the
+standard preprocessing constants."""
 
 from __future__ import annotations
 
@@ -8,7 +9,37 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from patchlens.errors import CheckpointMismatchError
+from patchlens.errors import CheckpointMismatchError, UnsupportedModelError
+
+#: OpenAI CLIP's input normalisation (open_clip and Hugging Face CLIP use the same numbers)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def is_identity(m: nn.Module | None) -> bool:
+    """True for a missing module or ``nn.Identity`` (an optional layer that is switched off)."""
+    return m is None or isinstance(m, nn.Identity)
+
+
+def activation_name(act: nn.Module, source: str = "") -> str:
+    """The `ViTConfig.act_fn` of an activation module (torch, timm or open_clip classes)."""
+    name = type(act).__name__
+    if name == "QuickGELU":
+        return "quick_gelu"
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    if name == "GELUTanh":
+        return "gelu_tanh"
+    if name == "GELU":  # timm.layers.GELU wraps F.gelu
+        return "gelu"
+    if isinstance(act, nn.SiLU):
+        return "silu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    raise UnsupportedModelError(f"{source + ' ' if source else ''}MLP activation {name} is not "
+                                "supported (gelu, gelu_tanh, quick_gelu, relu, silu are).")
 
 
 def load_strict(model: nn.Module, state_dict: dict[str, Tensor]) -> None:

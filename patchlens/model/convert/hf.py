@@ -38,7 +38,15 @@ from torch import Tensor, nn
 
 from patchlens.errors import UnknownModelError, UnsupportedModelError
 from patchlens.model.config import ViTConfig, as_pair
-from patchlens.model.convert.common import layer_norm_keys, load_strict, rename
+from patchlens.model.convert.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    layer_norm_keys,
+    load_strict,
+    rename,
+)
 
 # architecture -> (family, head kind); head kinds: None, classifier, teacher, projection
 ARCHITECTURES: dict[str, tuple[str, str | None]] = {
@@ -91,8 +99,8 @@ _ACTS = {
     "gelu_new": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
     "relu": "relu", "silu": "silu", "swish": "silu",
 }
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+OPENAI_CLIP = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # family -> (mean/std, resize, interpolation, crop_pct): usual processor defaults (best effort)
 _DATA = {

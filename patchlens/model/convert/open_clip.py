@@ -26,10 +26,16 @@ from torch import Tensor, nn
 
 from patchlens.errors import UnknownModelError, UnsupportedModelError
 from patchlens.model.config import ViTConfig
-from patchlens.model.convert.common import layer_norm_keys, load_strict, rename
+from patchlens.model.convert.common import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    activation_name,
+    is_identity,
+    layer_norm_keys,
+    load_strict,
+    rename,
+)
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _RESIZE = {"shortest": "shortest", "squash": "exact"}
 
 
@@ -45,27 +51,12 @@ def visual_tower(obj: Any) -> nn.Module:
     )
 
 
-def _act_name(act: nn.Module) -> str:
-    name = type(act).__name__
-    if name == "QuickGELU":
-        return "quick_gelu"
-    if isinstance(act, nn.GELU):
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    raise UnsupportedModelError(
-        f"open_clip MLP activation {name} is not supported (GELU, tanh-GELU, QuickGELU are)."
-    )
-
-
 def _layer_norm_eps(m: nn.Module, where: str) -> float:
     if not isinstance(m, nn.LayerNorm) or m.weight is None:
         raise UnsupportedModelError(
             f"open_clip {where} is a {type(m).__name__}; patchlens needs an affine LayerNorm."
         )
     return float(m.eps)
-
-
-def _is_identity(m: Any) -> bool:
-    return m is None or isinstance(m, nn.Identity)
 
 
 def _check_block(blk: nn.Module) -> tuple[bool, bool]:
@@ -83,9 +74,9 @@ def _check_block(blk: nn.Module) -> tuple[bool, bool]:
         unsupported = [
             ("scaled_cosine_attn", attn.logit_scale is not None),
             ("scale_heads", attn.head_scale is not None),
-            ("scale_attn_inner", not _is_identity(attn.ln_inner)),
-            ("scale_attn", not _is_identity(blk.ln_attn)),
-            ("scale_fc", not _is_identity(blk.mlp.ln)),
+            ("scale_attn_inner", not is_identity(attn.ln_inner)),
+            ("scale_attn", not is_identity(blk.ln_attn)),
+            ("scale_fc", not is_identity(blk.mlp.ln)),
         ]
         bad = [name for name, on in unsupported if on]
         if bad:
@@ -93,7 +84,7 @@ def _check_block(blk: nn.Module) -> tuple[bool, bool]:
                 f"open_clip CustomResidualAttentionBlock with {', '.join(bad)} is not supported "
                 "(patchlens reproduces plain pre-norm blocks, optionally with qk_norm)."
             )
-        return attn.in_proj_bias is not None, not _is_identity(attn.ln_q)
+        return attn.in_proj_bias is not None, not is_identity(attn.ln_q)
     raise UnsupportedModelError(f"open_clip block class {kind} is not supported.")
 
 
@@ -112,8 +103,8 @@ def preprocess_fields(tower: nn.Module, obj: Any = None) -> dict[str, Any]:
     mode = pc.get("resize_mode", "shortest")
     interp = pc.get("interpolation", "bicubic")
     return dict(
-        data_mean=triple(pc.get("mean"), OPENAI_MEAN),
-        data_std=triple(pc.get("std"), OPENAI_STD),
+        data_mean=triple(pc.get("mean"), OPENAI_CLIP_MEAN),
+        data_std=triple(pc.get("std"), OPENAI_CLIP_STD),
         data_interpolation="bilinear" if interp == "bilinear" else "bicubic",
         data_crop_pct=1.0,
         data_resize=_RESIZE.get(mode, "shortest"),  # "longest" (pad) has no equivalent
@@ -170,7 +161,7 @@ def open_clip_config(obj: Any, source: str = "") -> ViTConfig:
         n_layers=len(blocks),
         d_mlp=blk.mlp.c_fc.out_features,
         eps=eps,
-        act_fn=_act_name(blk.mlp.gelu),
+        act_fn=activation_name(blk.mlp.gelu, 'open_clip'),
         image_size=(grid[0] * patch[0], grid[1] * patch[1]),
         patch_size=patch,
         in_channels=tower.conv1.in_channels,
@@ -178,11 +169,11 @@ def open_clip_config(obj: Any, source: str = "") -> ViTConfig:
         n_pos_prefix=1,
         pos_interp=None,
         patch_bias=tower.conv1.bias is not None,
-        pre_norm=not _is_identity(tower.ln_pre),
+        pre_norm=not is_identity(tower.ln_pre),
         qkv_bias=qkv_bias,
         qk_norm=qk_norm,
         proj_bias=blk.attn.out_proj.bias is not None,
-        layer_scale=not _is_identity(blk.ls_1),
+        layer_scale=not is_identity(blk.ls_1),
         mlp_bias=blk.mlp.c_fc.bias is not None,
         pooling=pooling,
         final_norm="post_pool" if after else "pre_pool",  # as open_clip: ln_post on all tokens

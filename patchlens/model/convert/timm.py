@@ -14,31 +14,9 @@ from torch import Tensor, nn
 
 from patchlens.errors import UnknownModelError, UnsupportedModelError
 from patchlens.model.config import ViTConfig
-from patchlens.model.convert.common import layer_norm_keys, rename
+from patchlens.model.convert.common import activation_name, is_identity, layer_norm_keys, rename
 
 _NORMS = ("norm_pre", "norm", "fc_norm")
-
-
-def _act_name(act: nn.Module) -> str:
-    name = type(act).__name__
-    if isinstance(act, nn.GELU):
-        return "gelu" if act.approximate == "none" else "gelu_tanh"
-    if name in ("QuickGELU",):
-        return "quick_gelu"
-    if name == "GELUTanh":
-        return "gelu_tanh"
-    if name == "GELU":  # timm.layers.GELU wraps F.gelu
-        return "gelu"
-    if isinstance(act, nn.SiLU):
-        return "silu"
-    if isinstance(act, nn.ReLU):
-        return "relu"
-    raise UnsupportedModelError(f"MLP activation {name} is not supported (gelu, gelu_tanh, "
-                                "quick_gelu, relu, silu are).")
-
-
-def _is_identity(m: nn.Module | None) -> bool:
-    return m is None or isinstance(m, nn.Identity)
 
 
 def _check_layer_norm(m: nn.Module, where: str) -> float:
@@ -74,13 +52,13 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
             " patchlens needs a plain linear patch projection."
         )
     pe = model.patch_embed
-    if not _is_identity(getattr(pe, "norm", None)):
+    if not is_identity(getattr(pe, "norm", None)):
         raise UnsupportedModelError("a norm inside the patch embedding (embed_norm_layer) is not supported.")
     if getattr(pe, "dynamic_img_pad", False):
         raise UnsupportedModelError("dynamic_img_pad is not supported.")
     if model.pos_embed is None:
         raise UnsupportedModelError("models without a learned position embedding are not supported.")
-    if not _is_identity(getattr(model, "patch_drop", None)) and model.training:
+    if not is_identity(getattr(model, "patch_drop", None)) and model.training:
         raise UnsupportedModelError("patch dropout is not supported.")
     blk = model.blocks[0]
     attn = blk.attn
@@ -89,9 +67,9 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
             f"attention class {type(attn).__name__} is not supported (relative position or rotary "
             "attention changes the math)."
         )
-    if not _is_identity(attn.norm) or getattr(attn, "gate", None) is not None:
+    if not is_identity(attn.norm) or getattr(attn, "gate", None) is not None:
         raise UnsupportedModelError("attention output norm (scale_norm) or gating is not supported.")
-    if type(blk.mlp) is not Mlp or not _is_identity(getattr(blk.mlp, "norm", None)):
+    if type(blk.mlp) is not Mlp or not is_identity(getattr(blk.mlp, "norm", None)):
         raise UnsupportedModelError(f"MLP class {type(blk.mlp).__name__} is not supported.")
     if type(blk).__name__ != "Block":
         raise UnsupportedModelError(f"block class {type(blk).__name__} is not supported.")
@@ -99,8 +77,8 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
 
     distilled = kind == "VisionTransformerDistilled"
     pool = model.global_pool
-    has_fc_norm = not _is_identity(model.fc_norm)
-    has_norm = not _is_identity(model.norm)
+    has_fc_norm = not is_identity(model.fc_norm)
+    has_norm = not is_identity(model.norm)
     if pool not in ("token", "avg", "map", ""):
         raise UnsupportedModelError(f"global_pool={pool!r} is not supported (token, avg, map, '').")
     if getattr(model, "pool_include_prefix", False):
@@ -109,14 +87,14 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
         ap = model.attn_pool
         if type(ap).__name__ != "AttentionPoolLatent" or ap.pos_embed is not None or ap.latent_len != 1:
             raise UnsupportedModelError("attention pool variant (pos_embed or several latents) is not supported.")
-        if ap.pool != "token" or not _is_identity(ap.q_norm) or ap.mlp is None:
+        if ap.pool != "token" or not is_identity(ap.q_norm) or ap.mlp is None:
             raise UnsupportedModelError("attention pool without its MLP, with q/k norm or mean pool is not supported.")
     final_norm = "post_pool" if has_fc_norm else ("pre_pool" if has_norm else "none")
     if has_fc_norm and has_norm:
         raise UnsupportedModelError("both norm and fc_norm present is not supported.")
     grid = tuple(pe.grid_size)
     patch = tuple(pe.patch_size)
-    n_classes = model.num_classes if not _is_identity(model.head) else 0
+    n_classes = model.num_classes if not is_identity(model.head) else 0
     d = model.embed_dim
     n_heads = attn.num_heads
     cfg = ViTConfig(
@@ -126,7 +104,7 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
         n_layers=len(model.blocks),
         d_mlp=blk.mlp.fc1.out_features,
         eps=eps,
-        act_fn=_act_name(blk.mlp.act),
+        act_fn=activation_name(blk.mlp.act),
         image_size=(grid[0] * patch[0], grid[1] * patch[1]),
         patch_size=patch,
         in_channels=pe.proj.in_channels,
@@ -137,11 +115,11 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
         pos_interp="timm",
         dynamic_img_size=bool(model.dynamic_img_size),
         patch_bias=pe.proj.bias is not None,
-        pre_norm=not _is_identity(model.norm_pre),
+        pre_norm=not is_identity(model.norm_pre),
         qkv_bias=attn.qkv.bias is not None,
-        qk_norm=not _is_identity(attn.q_norm),
+        qk_norm=not is_identity(attn.q_norm),
         proj_bias=attn.proj.bias is not None,
-        layer_scale=not _is_identity(blk.ls1),
+        layer_scale=not is_identity(blk.ls1),
         mlp_bias=blk.mlp.fc1.bias is not None,
         pooling={"": "none"}.get(pool, pool),
         final_norm=final_norm,
