@@ -312,6 +312,11 @@ def test_save_load_sweep_and_dataset_run(toy, tmp_path):
     out = run.load_results(tmp_path / "run")
     assert torch.allclose(out["logits"], a, atol=1e-5)
     assert float(out["correct"].float().mean()) == das.interchange_accuracy(model, TOY_SITE, iv, test)
+    # resuming that directory with other parameters would mix two runs: refused
+    other = interchange_recipe(das.RotatedSubspace(2, D, seed=9), site=TOY_SITE)
+    with pytest.raises(InputError, match="different run"):
+        run.dataset(other, items, tmp_path / "run", model=model, batch_size=16, shard_size=32,
+                    verbose=False, progress=False)
 
 
 # ---- bad inputs ----------------------------------------------------------------------------
@@ -352,6 +357,8 @@ def test_bad_inputs_raise_clear_errors(toy, model64, tmp_path):
     fails("width 32", pl.patch, model64, torch.zeros(1, 3, 32, 32, dtype=torch.float64),
           [(Site("z", layers=0), das.RotatedSubspace(2, D, dtype=torch.float64).with_source(
               torch.zeros(1, 3, 32, 32, dtype=torch.float64)))])
+    fails("attention scores or patterns", pl.patch, model, p.base,
+          [(Site("pattern", layers=1), das.RotatedSubspace(1, 2, source=p.source))])
     fails("source has batch 3", pl.patch, model, p.base,
           [(TOY_SITE, das.RotatedSubspace(2, D, source=p.source[:3]))])
     from safetensors.torch import save_file

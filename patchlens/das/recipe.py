@@ -11,7 +11,7 @@ from torch import Tensor
 from patchlens.errors import InputError
 from patchlens.patching.recipe import patch
 from patchlens.patching.sites import Site
-from patchlens.patching.trainable import TrainableIntervention, load_intervention
+from patchlens.patching.trainable import TrainableIntervention, load_intervention, site_to_json
 
 
 def _pair(batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -56,6 +56,10 @@ def interchange_recipe(intervention: TrainableIntervention | str | Path, site: S
         return out
 
     interchange.__name__ = f"interchange[{type(iv).__name__}]"
+    # what a resumed dataset run checks (`patchlens.run.fingerprint`): the parameters' digests
+    interchange.run_spec = {"adapter": "das.interchange_recipe", "class": type(iv).__name__,
+                            "config": iv.config(), "site": site_to_json(site),
+                            "parameters": {k: v.detach() for k, v in iv.state_dict().items()}}
     return interchange
 
 

@@ -146,6 +146,10 @@ class TrainableIntervention(nn.Module, Intervention):
         if not self.built:
             raise InputError(f"{self!r} has no parameters yet: train it "
                              "(patchlens.das.train_intervention) or call .build(width) first.")
+        if where.spec.has_key_axis:
+            raise InputError(f"{self!r} rotates vectors; {where.hook} holds attention scores or "
+                             "patterns (a key axis). Use it at a residual, attention-output or "
+                             "per-head q/k/v/z hook.")
         if act.shape[-1] != self.width:
             raise InputError(f"{self!r} acts on vectors of width {self.width}, but the selection at "
                              f"{where.hook} has last axis {act.shape[-1]} (shape {tuple(act.shape)}).")
