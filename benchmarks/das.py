@@ -99,7 +99,7 @@ def experiment(args) -> None:
         t0 = time.perf_counter()
         sweep = das_sweep(model, train, test, layers=layers, tokens=tokens, cl_weights=weights,
                           intervention=lambda: das.RotatedSubspace(args.k), reference=ref,
-                          progress=True, **kw)
+                          diagnose_kw={"behaviour": False}, progress=True, **kw)
         print(f"{name}: {len(sweep.rows)} runs in {time.perf_counter() - t0:.0f} s")
         print(sweep.to_markdown())
         sweeps.append((name, train.variable, sweep))
@@ -113,7 +113,8 @@ def experiment(args) -> None:
               f"{args.batch} pairs, lr {args.lr}, early stopping on a held-out fifth of the "
               f"training pairs (patience {args.patience} evaluations, every {args.eval_every} "
               "steps); IIA and CL loss on the test pairs; divergence from `diagnose` on the test "
-              f"pairs (reference: {args.natural} natural training images).")
+              f"pairs (reference: {args.natural} natural training images; `behaviour=False`: "
+              "no null-space fractions).")
     block = header + "\n\n" + "\n\n".join(tables)
     text = DOC.read_text()
     new, n = re.subn(r"(<!-- das-table:start -->\n).*?(\n<!-- das-table:end -->)",

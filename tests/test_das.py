@@ -407,3 +407,43 @@ def test_zoo_counterfactual_pairs():
     assert len(sub) == 2 and sub.meta["base_values"].shape == (2,)
     with pytest.raises(InputError, match="passed the filters"):
         das.digit_pairs(model, 5, seed=0, max_rounds=0)
+
+
+def test_generate_with_other_scans_changes_only_the_digit():
+    from patchlens.zoo.clutter_digits import generate
+
+    a, b = generate(6, seed=1), generate(6, seed=2)
+    c = generate(6, seed=1, scan_ids=b.scan_ids)
+    assert torch.equal(c.labels, b.labels) and torch.equal(c.scan_ids, b.scan_ids)
+    outside = ~(a.masks | c.masks)
+    assert torch.equal((a.images - c.images).abs().sum(1)[outside], torch.zeros(int(outside.sum())))
+    with pytest.raises(ValueError, match="scan_ids"):
+        generate(6, seed=1, scan_ids=[0, 1])
+    with pytest.raises(ValueError, match="scan_ids"):
+        generate(2, seed=1, scan_ids=[0, 5000])
+
+
+def test_engine_prefix_and_captures_on_the_graph(model64):
+    """What training relies on: ``run_variants(prefix=...)`` equals recomputing the prefix;
+    with ``grad=True`` the captured site carries the graph; `natural_activations` equals the
+    plain cache."""
+    from patchlens.patching.engine import natural_activations
+
+    g = torch.Generator().manual_seed(5)
+    base, source = (torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    hook = "blocks.2.hook_resid_pre"
+    nat = natural_activations(model64, base, [hook, "blocks.1.attn.hook_z"], batch_size=1)
+    _, cache = model64.run_with_cache(base, names_filter=[hook, "blocks.1.attn.hook_z"])
+    assert all(torch.allclose(nat[h], cache[h], atol=1e-12, rtol=0) for h in nat)
+    iv = das.RotatedSubspace(3, 32, seed=1, dtype=torch.float64).with_source(source)
+    variant = [Variant([(Site("resid_pre", layers=2, tokens="cls"), iv)])]
+    plain = run_variants(model64, base, variant, progress=False)
+    reused = run_variants(model64, base, variant, progress=False, prefix={2: nat[hook]},
+                          grad=True, capture=[hook])
+    assert torch.allclose(plain.outputs, reused.outputs, atol=1e-12, rtol=0)
+    assert reused.captured[hook].grad_fn is not None and reused.outputs.grad_fn is not None
+    with pytest.raises(InputError, match="residual stream entering block 2"):
+        run_variants(model64, base, variant, progress=False, prefix={2: nat[hook][:1]})
+    with pytest.raises(InputError, match="block indices"):
+        run_variants(model64, base, variant, progress=False, prefix={7: nat[hook]})
+    assert no_stray_hooks(model64)

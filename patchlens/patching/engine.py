@@ -215,8 +215,9 @@ def _check_prefix(model, x, prefix) -> dict[int, Tensor]:
         return {}
     out = {}
     for layer, resid in dict(prefix).items():
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
-            raise InputError(f"prefix keys are block indices 0..{model.cfg.n_layers - 1}, got {layer!r}.")
+        n = model.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise InputError(f"prefix keys are block indices 0..{n - 1}, got {layer!r}.")
         want = (x.shape[0], model.layout_for(tuple(x.shape[-2:])).n_tokens, model.cfg.d_model)
         if not isinstance(resid, Tensor) or tuple(resid.shape) != want:
             got = tuple(resid.shape) if isinstance(resid, Tensor) else type(resid).__name__
