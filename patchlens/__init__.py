@@ -5,7 +5,7 @@ activations, trace paths, find circuits (`patchlens.circuits`), attribute with C
 how far interventions drift from the model's natural distribution.
 """
 
-from patchlens import circuits, metrics, zoo
+from patchlens import circuits, das, metrics, zoo
 from patchlens.errors import (
     CheckpointMismatchError,
     InputError,
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "circuits",
+    "das",
     "metrics",
     "zoo",
     "activation_patching",

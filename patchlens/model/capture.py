@@ -21,7 +21,8 @@ class Capture:
         names: hook names.
         keep_graph: keep the activations attached to the autograd graph (for `gradients`);
             otherwise they are detached.
-        clone: store a copy (for activations that later code may modify in place).
+        clone: store a copy (for activations that later code may modify in place); with
+            ``keep_graph`` the copy stays on the autograd graph.
     """
 
     def __init__(self, names: Sequence[str], keep_graph: bool = False, clone: bool = False):
@@ -34,7 +35,7 @@ class Capture:
 
         def keep(act: Tensor, hook) -> Tensor:
             stored = act if self.keep_graph else act.detach()
-            self.acts[hook.name] = stored.clone() if self.clone and not self.keep_graph else stored
+            self.acts[hook.name] = stored.clone() if self.clone else stored
             return act
 
         return [(name, keep) for name in self.names]

@@ -133,6 +133,7 @@ def run_variants(
     progress: bool | None = None,
     grad: bool = False,
     observers: Sequence[tuple[str, Callable[[str, Tensor, Tensor], None]]] = (),
+    prefix: dict[int, Tensor] | None = None,
 ) -> EngineResult:
     """Run every variant on the target batch ``x`` ``[B, C, H, W]``.
 
@@ -152,22 +153,30 @@ def run_variants(
         prefix_reuse: start each variant at the first layer it touches.
         progress: tqdm bar (None: only when there is more than one chunk).
         grad: keep autograd on through the patched runs (for trainable interventions: the
-            outputs then carry the graph to the interventions' parameters).
+            outputs and the ``capture=`` activations then carry the graph to the
+            interventions' parameters).
         observers: ``(hook_name, fn)`` pairs; ``fn(hook_name, act, variant_indices)`` is called
             in every patched chunk with the activation at that hook after patching (``act``
             ``[len(variant_indices) * B, ...]``, variant-major; read-only) and the sweep
             indices of the chunk's variants. For statistics reduced inside the sweep's own run
             (e.g. `patchlens.diagnostics`); not called on the source or prefix runs.
+        prefix: ``{layer: [B, pos, d_model]}`` the unpatched residual stream of ``x`` entering
+            those blocks (``blocks.{layer}.hook_resid_pre``), computed earlier: runs that start
+            there reuse it instead of running the shared prefix again (loops over one fixed
+            batch, e.g. training an intervention).
     """
     capture, grads, observers = list(capture), list(grads), list(observers)
     _validate(model, x, variants, metric, capture, grads, observers, batch_size)
+    prefix = _check_prefix(model, x, prefix)
     plan = _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_size,
                  memory_budget)
     differentiable = grad or bool(grads)
     with (torch.no_grad() if differentiable else torch.inference_mode()), \
             model.options(**plan.flags):
         sources = _reference_activations(model, plan.resolved, x.shape[0], batch_size)
-        base = _base_residuals(model, x, sorted({s for s in plan.starts if s >= 0}))
+        need = sorted({s for s in plan.starts if s >= 0})
+        base = {s: prefix[s] for s in need if s in prefix}
+        base.update(_base_residuals(model, x, [s for s in need if s not in prefix]))
         # capture (and read) hooks that lie before a chunk's start layer hold the unpatched values
         early = [h for h in dict.fromkeys(capture + plan.reads)
                  if start_layer(model, model.hook_spec(h)) < max(plan.starts) and h not in grads]
@@ -202,6 +211,23 @@ def _validate(model, x, variants, metric, capture, grads, observers, batch_size)
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Site)):
                 raise InputError(f"A variant's pairs are (Site, intervention) tuples; got "
                                  f"{pair!r} in variant {v.label!r}.")
+
+
+def _check_prefix(model, x, prefix) -> dict[int, Tensor]:
+    if prefix is None:
+        return {}
+    out = {}
+    for layer, resid in dict(prefix).items():
+        n = model.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise InputError(f"prefix keys are block indices 0..{n - 1}, got {layer!r}.")
+        want = (x.shape[0], model.layout_for(tuple(x.shape[-2:])).n_tokens, model.cfg.d_model)
+        if not isinstance(resid, Tensor) or tuple(resid.shape) != want:
+            got = tuple(resid.shape) if isinstance(resid, Tensor) else type(resid).__name__
+            raise InputError(f"prefix[{layer}] must be the residual stream entering block {layer}, "
+                             f"shape {want} for this batch; got {got}.")
+        out[layer] = resid.detach()
+    return out
 
 
 # ---- step 2: plan ---------------------------------------------------------------------------
@@ -333,7 +359,7 @@ def _execute(model, x, variants, plan: _Plan, sources, base, unpatched, *, metri
             live = _live_reads(model, entries, s, unpatched, len(chunk), differentiable)
             hooks = _patch_hooks(model, entries, b, plan.layout, sources, live.acts)
             hooks += live.hooks()
-            keep = Capture([h for h in capture if h not in grads], clone=True)
+            keep = Capture([h for h in capture if h not in grads], clone=True, keep_graph=grad)
             keep_grad = Capture(grads, keep_graph=True)
             hooks += keep.hooks() + keep_grad.hooks()
             if observers:
@@ -609,5 +635,19 @@ def capture_grads(model, x: Tensor, hooks: Sequence[str], metric: Metric,
     return capture(model, x, hooks, metric, grads=True, **kwargs)
 
 
+def natural_activations(model, x: Tensor, hooks: Sequence[str],
+                        batch_size: int = 64) -> dict[str, Tensor]:
+    """The unpatched activations ``{hook: [B, ...]}`` of ``x`` at ``hooks``, without autograd
+    (usable in later differentiable runs), in chunks of ``batch_size`` images, stopping after
+    the last block the hooks need."""
+    hooks = list(dict.fromkeys(hooks))
+    model.check_images(x)
+    model.check_hook_names(hooks)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    with torch.no_grad(), model.options(**model.options_for(hooks)):
+        return _run_and_keep(model, x, hooks, batch_size)
+
+
 __all__ = ["Variant", "EngineResult", "CaptureResult", "run_variants", "capture",
-           "capture_grads", "parse_bytes", "start_layer"]
+           "capture_grads", "natural_activations", "parse_bytes", "start_layer"]

@@ -138,6 +138,16 @@ class Intervention:
         return f"{type(self).__name__}()"
 
 
+def check_source_batch(acts: dict[str, Tensor], target_batch: int, what: str) -> None:
+    """A source's activations must hold one image, or one per target image."""
+    for a in acts.values():
+        if a.shape[0] not in (1, target_batch):
+            raise InputError(
+                f"{what} source has batch {a.shape[0]} but the target has {target_batch}; "
+                "pass one source image or one per target image."
+            )
+
+
 class Interchange(Intervention):
     """Replace the activation by the same site's activation on ``source`` (interchange /
     activation patching). ``source`` is a batch of normalised images aligned with the target
@@ -148,12 +158,7 @@ class Interchange(Intervention):
         self.name = name
 
     def prepare(self, acts, target_batch, specs):
-        for a in acts.values():
-            if a.shape[0] not in (1, target_batch):
-                raise InputError(
-                    f"Interchange source has batch {a.shape[0]} but the target has {target_batch}; "
-                    "pass one source image or one per target image."
-                )
+        check_source_batch(acts, target_batch, "Interchange")
         return acts
 
     def values(self, act, where, source):

@@ -267,6 +267,7 @@ def generate(
     clutter_items: tuple[int, int] = (4, 9),
     background: bool = True,
     grid: int = 8,
+    scan_ids=None,
 ) -> ClutterDigits:
     """Generate ``n`` clutter-digit images from the scans of ``split``.
 
@@ -286,6 +287,9 @@ def generate(
         clutter_items: range (inclusive) of the number of clutter shapes per image.
         background: coloured noisy background; ``False`` gives a black canvas.
         grid: digit positions avoid multiples of ``grid`` (0 to allow any position).
+        scan_ids: ``[n]`` indices into `digit_scans` drawn instead of the random scans, every
+            other random choice (digit position, size and colour, background, clutter, marker)
+            unchanged: the same images with other digits (counterfactual inputs).
 
     Returns:
         A :class:`ClutterDigits` with ``images [n, 3, H, W]`` and ground truth.
@@ -309,6 +313,11 @@ def generate(
     rng_digit, rng_bg, rng_clutter, rng_marker = (stream(k) for k in range(4))
     scans, scan_labels = digit_scans()
     scan, size, xs, ys = _digit_params(rng_digit, n, split, (h, w), digit_size, grid)
+    if scan_ids is not None:
+        scan = np.asarray(torch.as_tensor(scan_ids).cpu(), dtype=np.int64).reshape(-1)
+        if scan.shape != (n,) or scan.min(initial=0) < 0 or scan.max(initial=0) >= len(scans):
+            raise ValueError(f"scan_ids must be {n} indices in [0, {len(scans)}), got shape "
+                             f"{tuple(scan.shape)}")
     labels = scan_labels[scan]
     # digit colour: bright, each channel in [0.6, 1] (background channels are <= ~0.45)
     dcolor = rng_digit.uniform(0.6, 1.0, size=(n, 3)).astype(np.float32)
