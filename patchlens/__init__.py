@@ -5,7 +5,7 @@ activations, trace paths, attribute with CAAP, and check how far interventions d
 model's natural distribution.
 """
 
-from patchlens import metrics, zoo
+from patchlens import metrics, sae, zoo
 from patchlens.errors import (
     CheckpointMismatchError,
     InputError,
@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "metrics",
+    "sae",
     "zoo",
     "activation_patching",
     "caap",

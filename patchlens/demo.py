@@ -63,7 +63,7 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
                    else "a strong Gaussian blur of each image."))
 
     steps = ["predictions", "activation patching", "path patching", "CAAP and baselines",
-             "divergence"]
+             "divergence", "SAE features"]
     with Progress(console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("study", total=len(steps))
 
@@ -118,6 +118,12 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
             summary["divergence"] = div
         progress.advance(task)
 
+        # 6. sparse-autoencoder features (models with a zoo SAE)
+        sae = _sae_section(model, model_name, clean, report)
+        if sae:
+            summary["sae"] = sae
+        progress.advance(task)
+
     path_out = report.save(out)
     summary["report"] = str(path_out.resolve())
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -138,6 +144,10 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
                       f"deletion {row['deletion']:.3f}, insertion {row['insertion']:.3f}")
     if summary.get("divergence"):
         table.add_row("divergence", str(summary["divergence"]))
+    if summary.get("sae"):
+        q = summary["sae"]["quality"]
+        table.add_row("SAE features", f"{summary['sae']['hook']}: fve {q['fve']:.3f}, top "
+                      f"feature {summary['sae']['top_features'][0]['feature']}")
     console.print(table)
     console.print(f"report: {summary['report']}  ({summary['seconds']} s)")
     return summary
@@ -189,6 +199,20 @@ def _divergence_section(model, clean, corrupted, metric, report, seed) -> str | 
     report.figure(res.divergence.plot())
     report.table(res.divergence.to_pandas())
     return res.divergence.summary()
+
+
+def _sae_section(model, model_name: str, clean, report) -> dict | None:
+    from patchlens.sae import load, zoo_sae_info, zoo_saes
+    from patchlens.sae.report import sae_section
+
+    names = [e.name for e in zoo_saes()
+             if zoo_sae_info(e.name)["model"] == model_name.removeprefix("zoo:")]
+    if not names:
+        report.heading("Sparse-autoencoder features")
+        report.text("Skipped: no SAE for this model in the zoo; train one with "
+                    "patchlens.sae.train or load one with patchlens.sae.load.")
+        return None
+    return sae_section(report, model, clean, load(names[0]))
 
 
 def _natural_images(model, seed: int) -> Tensor | None:

@@ -240,7 +240,9 @@ class _Collector:
 
     def __init__(self, model, target: Tensor, variants: Sequence, reference: Reference, *,
                  behaviour: bool = True, ot: bool | str = "site", ot_samples: int = 256,
-                 max_vectors: int = 256, thresholds: dict[str, float] | None = None):
+                 max_vectors: int = 256, thresholds: dict[str, float] | None = None,
+                 sae: Any = None):
+        from patchlens.diagnostics.sae import SAEColumns
         from patchlens.patching.engine import capture, start_layer
 
         self.th = {**THRESHOLDS, **(thresholds or {})}
@@ -266,6 +268,9 @@ class _Collector:
             if model.hook_spec(h).has_key_axis:
                 vectors(torch.zeros(1, 1, 1), model.hook_spec(h))  # raises the explanation
         self.hooks = hooks
+        self.sae_columns = SAEColumns(sae) if sae is not None else None
+        if self.sae_columns is not None:
+            self.sae_columns.check(hooks)
         self.down = [min((first_downstream_mlp(model, rs.spec) for rs in rss),
                          default=n_layers) for rss in self.resolved]
         self.starts = [min((start_layer(model, rs.spec) for rs in rss), default=n_layers)
@@ -512,6 +517,8 @@ class _Collector:
             if self.ot == "variant" and r["n"] >= 50:
                 r["ot_ratio"] = self._ot(key, pooled[key][s:e])["ratio"]
             r["n_dormant"] = len(self.dormant[r["variant"]])
+            if self.sae_columns is not None:  # feature-space inputs (patchlens/diagnostics/sae.py)
+                r.update(self.sae_columns.row(key[0], key[1], pooled[key][s:e], ref))
             r["effect"] = float("nan") if flat_eff is None else float(flat_eff[r["variant"]])
             divergent = r["outlier_rate"] > th["outlier_rate"] or (
                 not math.isnan(r["ot_ratio"]) and r["ot_ratio"] > th["ot_ratio"])
@@ -547,7 +554,8 @@ class _Collector:
 def diagnose(model, target: Tensor, variants: Sequence, reference: Reference, *,
              effects: Tensor | None = None, behaviour: bool = True, ot: bool | str = "site",
              ot_samples: int = 256, max_vectors: int = 256, memory_budget: str | int = "2GB",
-             thresholds: dict[str, float] | None = None, warn: bool = False) -> DivergenceReport:
+             thresholds: dict[str, float] | None = None, warn: bool = False,
+             sae: Any = None) -> DivergenceReport:
     """Measure how divergent each variant's patched activations are (one engine run).
 
     Args:
@@ -562,11 +570,14 @@ def diagnose(model, target: Tensor, variants: Sequence, reference: Reference, *,
             the verdict); False: none. ``ot_samples`` caps the natural set (two halves).
         max_vectors: patched vectors kept per (variant, site) (uniform subsample).
         memory_budget: activation memory per engine chunk.
+        sae: a sparse autoencoder (or a list, or ``{hook: sae}``) trained at hooks the variants
+            patch: adds its feature-space measures to the rows (`patchlens.diagnostics.sae`).
     """
     from patchlens.patching.engine import run_variants
 
     col = _Collector(model, target, variants, reference, behaviour=behaviour, ot=ot,
-                     ot_samples=ot_samples, max_vectors=max_vectors, thresholds=thresholds)
+                     ot_samples=ot_samples, max_vectors=max_vectors, thresholds=thresholds,
+                     sae=sae)
     run_variants(model, target, variants, observers=col.observers, memory_budget=memory_budget,
                  progress=False, return_type="pooled")
     rep = col.report(effects)
