@@ -181,8 +181,9 @@ def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, di
         fixed["tokens"] = tokens
     if per == "feature":
         feat_list = (resolve_features(features) if features is not None
-                     else torch.arange(_feature_count(model, site, axes["layers"],
-                                                      source))).tolist()
+                     else torch.arange(_feature_count(
+                         model, site, axes["layers"] if probe.is_per_layer(model) else layers,
+                         source))).tolist()
         axes["features"], labels["feature"] = feat_list, [str(f) for f in feat_list]
     elif features is not None:
         fixed["features"] = features
@@ -204,7 +205,11 @@ def _feature_count(model, site: str, layers, images: Tensor) -> int:
         raise InputError(f"per='feature' needs a hook with a feature axis (e.g. a spliced SAE's "
                          f"'sae_acts_post'); {spec.describe()} has none.")
     acts = capture(model, images[:1], names, return_type=None).acts
-    return min(a.shape[model.hook_spec(n).feature_axis] for n, a in acts.items())
+    widths = {n: a.shape[model.hook_spec(n).feature_axis] for n, a in acts.items()}
+    if len(set(widths.values())) > 1:
+        raise InputError(f"The feature axes differ in width across layers ({widths}); sweep one "
+                         "layer at a time or pass features=.")
+    return next(iter(widths.values()))
 
 
 def _assemble(model, sweep: _Sweep, per_variant: Tensor, target, m_clean, m_corrupted, m_target,

@@ -18,7 +18,6 @@ from patchlens.sae.features import (
 )
 from patchlens.sae.loaders import (
     from_state_dict,
-    load,
     load_prisma,
     load_saelens,
     prisma_from_dict,
@@ -27,6 +26,7 @@ from patchlens.sae.loaders import (
 )
 from patchlens.sae.quality import evaluate
 from patchlens.sae.sae import SAE, SAEProtocol
+from patchlens.sae.sources import load
 from patchlens.sae.train import train
 from patchlens.sae.zoo import zoo_sae_info, zoo_saes
 

@@ -18,7 +18,7 @@
   (``encoder.weight [d_sae, d_in]``, ``decoder.weight [d_in, d_sae]``, ...), or OpenAI's
   (``pre_bias``, ``latent_bias``, ``encoder.weight``, ``decoder.weight``).
 
-`load` picks the format from what it is given (a zoo name, a folder, a file or a dict).
+`patchlens.sae.sources.load` picks the format from what it is given.
 """
 
 from __future__ import annotations
@@ -312,33 +312,5 @@ def _check_size(sae: SAE, cfg: dict) -> None:
                              f"{key}={getattr(sae, key)}.")
 
 
-# ---- any of them ----------------------------------------------------------------------------
-def load(source: Any, dtype: torch.dtype | None = None, device: Any = None, **kwargs: Any) -> SAE:
-    """An SAE from a zoo name (``"clutter-digits-vit.resid_post.2"``, see `patchlens.sae.zoo`),
-    a SAELens folder, a ViT-Prisma folder or ``.pt`` file, or a state dict (``kwargs`` go to
-    `from_state_dict`: ``kind``, ``k``, ``hook_name``...)."""
-    if isinstance(source, dict):
-        return from_state_dict(source, dtype=dtype, device=device, **kwargs)
-    if kwargs:
-        raise InputError(f"{sorted(kwargs)} only apply to state dicts.")
-    if isinstance(source, str) and not Path(source).exists():
-        from patchlens.sae.zoo import is_zoo_sae, load_zoo_sae
-
-        if is_zoo_sae(source):
-            return load_zoo_sae(source, dtype=dtype, device=device)
-        raise InputError(f"{source!r} is neither a zoo SAE (patchlens.sae.zoo_saes()) nor an "
-                         "existing path (a SAELens or ViT-Prisma folder or file).")
-    if not isinstance(source, (str, Path)):
-        raise InputError(f"load takes a path, a zoo name or a state dict, got "
-                         f"{type(source).__name__}.")
-    p = Path(source)
-    if p.is_dir() and (p / SAELENS_CFG).exists():
-        return load_saelens(p, dtype=dtype, device=device)
-    if (p.is_dir() and ((p / PRISMA_CFG).exists() or any(p.glob("*.pt")))) or p.suffix == ".pt":
-        return load_prisma(p, dtype=dtype, device=device)
-    raise InputError(f"Cannot tell the format of {p}: a SAELens folder has {SAELENS_CFG} and "
-                     f"{SAELENS_WEIGHTS}, a ViT-Prisma checkpoint {PRISMA_CFG} and a .pt file.")
-
-
-__all__ = ["load", "load_saelens", "save_saelens", "saelens_from_dict", "load_prisma",
+__all__ = ["load_saelens", "save_saelens", "saelens_from_dict", "load_prisma",
            "prisma_from_dict", "from_state_dict"]

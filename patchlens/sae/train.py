@@ -81,7 +81,7 @@ def train(model, hook: str, images: ImageSource, *, d_sae: int, kind: str = "top
         raise InputError(f"SAEs read vectors; {spec.describe()} is an attention pattern.")
     state = _load_checkpoint(checkpoint, args)
     source = _Source(images, seed, chunk_images)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if state is None:
         first = _vectors(model, hook, source, 0, refill_images, tokens)
         d_in = first.shape[-1]
@@ -141,7 +141,8 @@ def train(model, hook: str, images: ImageSource, *, d_sae: int, kind: str = "top
                     "step": step, "refill": refill, "scale": scale, "leftover": leftover,
                     "sae": sae.state_dict(), "optim": opt.state_dict(), "d_in": d_in,
                     "since_fired": since_fired,
-                    "elapsed": state["elapsed"] + time.perf_counter() - t0})
+                    "elapsed": state["elapsed"] + time.perf_counter() - t0,
+                    "cpu": state.get("cpu", 0.0) + time.process_time() - c0})
                 last_ckpt = step
     finally:
         if bar is not None:
@@ -150,6 +151,8 @@ def train(model, hook: str, images: ImageSource, *, d_sae: int, kind: str = "top
     sae.eval()
     sae.meta["training"] = {**args, "wall_time_s": round(state["elapsed"]
                                                          + time.perf_counter() - t0, 1),
+                            "cpu_time_s": round(state.get("cpu", 0.0) + time.process_time() - c0,
+                                                1),
                             "input_scale": scale, "images_read": refill * refill_images,
                             "torch_threads": torch.get_num_threads(),
                             "torch_version": torch.__version__}
