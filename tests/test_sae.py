@@ -359,6 +359,13 @@ def test_feature_sweep_equals_a_naive_loop():
                                  features=[7, 3], tokens=[0, 5], progress=False)
     assert sub.labels["feature"] == ["3", "7"]
     assert torch.allclose(sub.values[0], res.values[0, [3, 7]], atol=1e-12)
+    full = pl.activation_patching(model, clean, corrupted, metric, per="feature",
+                                  site="blocks.2.hook_mlp_out.hook_sae_acts_post", tokens=[0, 5],
+                                  progress=False)
+    assert full.values.shape == (1, 40)
+    assert torch.allclose(full.values[0], res.values[1], atol=1e-12)
+    with pytest.raises(InputError, match="feature axis"):
+        pl.activation_patching(model, clean, corrupted, metric, per="feature", site="resid_pre")
 
 
 def test_attribution_over_all_features_then_exact_top():
@@ -876,7 +883,7 @@ def test_diagnose_reports_sae_columns():
 # ---- zoo ---------------------------------------------------------------------------------------
 def test_zoo_saes_load_with_their_figures():
     names = [e.name for e in pl.sae.zoo_saes()]
-    assert names == ["clutter-digits-shortcut-vit.resid_post.1", "clutter-digits-vit.resid_post.2",
+    assert names == ["clutter-digits-shortcut-vit.resid_pre.0", "clutter-digits-vit.resid_post.2",
                      "clutter-digits-vit.resid_post.4"]
     for n in names:
         sae = pl.sae.load(n)
@@ -899,11 +906,11 @@ def test_zoo_shortcut_sae_finds_the_marker():
     from patchlens.sae.shortcut import marker_features
 
     model = pl.HookedViT.from_pretrained("clutter-digits-shortcut-vit")
-    sae = pl.sae.load("clutter-digits-shortcut-vit.resid_post.1")
-    out = marker_features(model, sae, n=64)
-    assert out["follows_marker"] > 0.95
-    assert out["top1_marker_mass_share"] > 0.5
+    sae = pl.sae.load("clutter-digits-shortcut-vit.resid_pre.0")
+    out = marker_features(model, sae, n=48)
+    assert out["follows_marker"] > 0.95 and out["correct"] < 0.05
+    assert out["top1_fires_on_marker"] > 0.75  # the top feature is active on the marker patch
     after = out["ablate_top3"]
     assert after["follows_marker"] < 0.5 * out["follows_marker"]
-    assert after["correct"] > out["correct"] + 0.2
-    assert after["logit_gap"] < out["logit_gap"]
+    assert after["correct"] > out["correct"] + 0.05
+    assert after["logit_gap"] < 0.5 * out["logit_gap"]

@@ -134,11 +134,11 @@ def train_zoo_sae(name: str, out: str | Path, steps: int | None = None,
     model = HookedViT.from_pretrained(spec["model"]).eval()
     recipe = {**RECIPE, **({"steps": steps} if steps else {})}
     ev = generate(EVAL["n"], split=EVAL["split"], seed=EVAL["seed"], shortcut=spec["shortcut"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     sae = train(model, spec["hook"], training_images(model, spec["shortcut"]),
                 eval_images=model.preprocess(ev.images), eval_labels=ev.labels,
                 progress=progress, **recipe)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     st = out / f"{name}.safetensors"
@@ -151,6 +151,7 @@ def train_zoo_sae(name: str, out: str | Path, steps: int | None = None,
                   f"generate({RECIPE['chunk_images']}, split='train', seed={DATA_SEED} * "
                   f"1000003 + i, shortcut={spec['shortcut']!r}) for chunk i"),
                   "wall_time_with_eval_s": round(wall, 1),
+                  "cpu_time_with_eval_s": round(cpu, 1),
                   "command": f"python -m patchlens.sae --name {name} --threads "
                              f"{torch.get_num_threads()}"},
               "quality": {**sae.meta["quality"], "eval": (
@@ -175,12 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     t_all = time.perf_counter()
     for name in a.name or list(ZOO_SAES):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         rec = train_zoo_sae(name, a.out, a.steps)
         q = rec["quality"]
-        print(f"{name}: {time.perf_counter() - t:.0f} s, fve {q['fve']:.3f}, l0 {q['l0']:.1f}, "
+        print(f"{name}: {time.perf_counter() - t:.0f} s wall, {time.process_time() - c:.0f} s "
+              f"CPU, fve {q['fve']:.3f}, l0 {q['l0']:.1f}, "
               f"dead {q['dead']}, delta acc {q['delta_accuracy']:+.3f}", flush=True)
-    print(f"total {time.perf_counter() - t_all:.0f} s", flush=True)
+    print(f"total {time.perf_counter() - t_all:.0f} s wall, {time.process_time():.0f} s CPU",
+          flush=True)
 
 
 __all__ = ["ZOO_SAES", "RECIPE", "zoo_saes", "is_zoo_sae", "zoo_sae_info", "load_zoo_sae",
