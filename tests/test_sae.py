@@ -880,6 +880,39 @@ def test_diagnose_reports_sae_columns():
                                                  dtype=torch.float32), ot=False)
 
 
+
+def test_report_section_ranks_features_by_attribution(tmp_path):
+    from patchlens.report import Report
+    from patchlens.sae.report import sae_section
+
+    model = _model(torch.float32)
+    sae = _sae(dtype=torch.float32)
+    x = _x(4, seed=23, dtype=torch.float32)
+    rep = Report("t")
+    out = sae_section(rep, model, x, sae, n_features=1, n_table=5)
+    # the ranking is gradient x activation by hand: SAE spliced with its error term, the logit of
+    # each image's predicted class, summed over tokens, mean over images
+    with model.saes(sae, use_error_term=True):
+        name = "blocks.1.hook_resid_post.hook_sae_acts_post"
+        acts = {}
+
+        def keep(a, hook):
+            a.retain_grad()
+            acts["a"] = a
+            return a
+
+        logits = model.run_with_hooks(x, fwd_hooks=[(name, keep)])
+        logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
+        by_hand = (acts["a"] * acts["a"].grad).sum(1).mean(0).detach()
+    top = int(by_hand.abs().argmax())
+    assert out["top_features"][0]["feature"] == top
+    assert abs(out["top_features"][0]["attribution"] - float(by_hand[top])) < 1e-4
+    assert set(out["quality"]) >= {"fve", "l0", "delta_loss"}
+    html = rep.save(tmp_path / "r.html").read_text()
+    assert "Sparse-autoencoder features at blocks.1.hook_resid_post" in html
+    _no_stray_hooks(model)
+
+
 # ---- zoo ---------------------------------------------------------------------------------------
 def test_zoo_saes_load_with_their_figures():
     names = [e.name for e in pl.sae.zoo_saes()]
