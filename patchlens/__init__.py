@@ -5,7 +5,7 @@ activations, trace paths, find circuits (`patchlens.circuits`), attribute with C
 how far interventions drift from the model's natural distribution.
 """
 
-from patchlens import circuits, das, metrics, zoo
+from patchlens import circuits, das, metrics, sae, zoo
 from patchlens.errors import (
     CheckpointMismatchError,
     InputError,
@@ -46,6 +46,7 @@ __all__ = [
     "circuits",
     "das",
     "metrics",
+    "sae",
     "zoo",
     "activation_patching",
     "caap",

@@ -30,6 +30,7 @@ BENCHMARKS = {
     "diagnostics": "cost of divergence diagnostics against a plain sweep",
     "divergence_calibration": "false-alarm and detection rates of the divergence verdict on the zoo models",
     "circuits": "EAP / EAP-IG / exact edge scores against a forward pass, a naive loop and the floor",
+    "sae": "spliced-forward cost and a per-feature sweep against a naive loop",
     "scale": "`patchlens run` throughput on 2 processes against 1",
 }
 

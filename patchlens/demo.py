@@ -60,7 +60,8 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
              "path patching (every head -> logits)",
              "circuit (EAP and EAP-IG edge scores, faithfulness curves)",
              "CAAP and two baselines, deletion/insertion",
-             "divergence of the interventions", "writing the report"]
+             "divergence of the interventions", "sparse-autoencoder features",
+             "writing the report"]
     with Progress(console=console, transient=True, disable=quiet) as progress:
         task = progress.add_task("study", total=len(steps))
 
@@ -144,7 +145,13 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
         if div:
             summary["divergence"] = div
 
+        # 7. sparse-autoencoder features (models with a zoo SAE)
         step(7)
+        sae = _sae_section(model, model_name, clean, report)
+        if sae:
+            summary["sae"] = sae
+
+        step(8)
         path_out = report.save(out, plotlyjs=plotlyjs)
         progress.advance(task)
     summary["report"] = str(path_out.resolve())
@@ -169,6 +176,10 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
                       f"deletion {row['deletion']:.3f}, insertion {row['insertion']:.3f}")
     if summary.get("divergence"):
         table.add_row("divergence", str(summary["divergence"]))
+    if summary.get("sae"):
+        q = summary["sae"]["quality"]
+        table.add_row("SAE features", f"{summary['sae']['hook']}: fve {q['fve']:.3f}, top "
+                      f"feature {summary['sae']['top_features'][0]['feature']}")
     console.print(table)
     console.print(f"report: {summary['report']}  ({summary['seconds']} s)")
     return summary
@@ -276,6 +287,20 @@ def _divergence_section(model, model_name, clean, corrupted, metric, report,
     except Exception:  # a build without the calibration table
         pass
     return res.divergence.summary()
+
+
+def _sae_section(model, model_name: str, clean, report) -> dict | None:
+    from patchlens.sae import load, zoo_sae_info, zoo_saes
+    from patchlens.sae.report import sae_section
+
+    names = [e.name for e in zoo_saes()
+             if zoo_sae_info(e.name)["model"] == model_name.removeprefix("zoo:")]
+    if not names:
+        report.heading("Sparse-autoencoder features")
+        report.text("Skipped: no SAE for this model in the zoo; train one with "
+                    "patchlens.sae.train or load one with patchlens.sae.load.")
+        return None
+    return sae_section(report, model, clean, load(names[0]))
 
 
 def _natural_images(model, model_name: str, seed: int) -> Tensor | None:

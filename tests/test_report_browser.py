@@ -34,9 +34,9 @@ def report_path(demo_run) -> Path:
 def test_demo_names_each_step_when_piped(demo_run):
     lines = demo_run[1].splitlines()
     steps = [line for line in lines if line.startswith("[")]
-    assert [s.split("]")[0] + "]" for s in steps] == [f"[{i}/8]" for i in range(1, 9)]
+    assert [s.split("]")[0] + "]" for s in steps] == [f"[{i}/9]" for i in range(1, 10)]
     for name in ("predictions", "activation patching", "path patching", "circuit", "CAAP",
-                 "divergence", "writing the report"):
+                 "divergence", "sparse-autoencoder", "writing the report"):
         assert sum(name in s for s in steps) == 1, name
     assert lines.index(steps[-1]) < next(i for i, line in enumerate(lines) if "report:" in line)
 

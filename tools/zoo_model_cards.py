@@ -218,5 +218,80 @@ method finds the marker (patch `(0, 0)` of the 8×8 grid) rather than the digit.
 and `DIR/NAME.json` (config, training arguments, evaluation, SHA-256, wall time). A run is
 deterministic for a given seed and torch thread count.
 """
+
+def sae_cards():
+    """The SAE cards, from patchlens/zoo/saes/*.json."""
+    recs = [json.loads(p.read_text()) for p in sorted((W.parent / "saes").glob("*.json"))]
+    if not recs:
+        return ""
+    out = ["""## Sparse autoencoders
+
+Three TopK SAEs trained on the zoo models ship in `patchlens/zoo/saes` (see [the SAE page](sae.md)):
+
+```python
+import patchlens as pl
+
+pl.sae.zoo_saes()                                         # names and descriptions
+sae = pl.sae.load("clutter-digits-vit.resid_post.4")      # SHA-256 checked, offline
+```
+"""]
+    total_wall = sum(r["training"]["wall_time_with_eval_s"] for r in recs)
+    total_cpu = sum(r["training"].get("cpu_time_with_eval_s", float("nan")) for r in recs)
+    for r in recs:
+        q, t, c = r["quality"], r["training"], r["config"]
+        size = (W.parent / "saes" / f"{r['name']}.safetensors").stat().st_size
+        out.append(f"""### SAE card: `{r['name']}`
+
+{r['description']}; model `{r['model']}`, hook `{r['hook']}`.
+
+| field | value |
+|---|---|
+| architecture | {c['architecture']}, d_in {c['d_in']}, d_sae {c['d_sae']}, k {c.get('k')} (TopK, Gao et al. 2024) |
+| training data | `{t['data']}`, {t['images_read']:,} images, every token |
+| steps × batch | {t['steps']} × {t['batch_size']} vectors (each refill buffer of {t['refill_images']} images used {t['reuse']} times), Adam lr {t['lr']}, AuxK 1/32 |
+| time | {t['wall_time_with_eval_s'] / 60:.1f} min wall with evaluation on a shared 2-core machine, {t.get('cpu_time_with_eval_s', float('nan')) / 60:.1f} min of CPU time; {t['torch_threads']} torch threads, torch {t['torch_version']}; retraining with the command below reproduces the weights bit for bit (same SHA-256; same torch version and thread count) |
+| weights | `patchlens/zoo/saes/{r['name']}.safetensors`, float32, {size / 2**10:.0f} KiB, SHA-256 `{r['sha256']}` |
+
+**Quality** on `{q['eval']}` ({q['n_vectors']:,} token vectors):
+
+| MSE | fraction of variance explained | cosine | L0 | dead features | loss → spliced (no error term) | accuracy → spliced | loss recovered vs zero-ablation |
+|---|---|---|---|---|---|---|---|
+| {q['mse']:.4f} | {q['fve']:.3f} | {q['cosine']:.3f} | {q['l0']:.1f} | {q['dead']} of {c['d_sae']} | {q['loss']:.3f} → {q['loss_spliced']:.3f} ({q['delta_loss']:+.3f}) | {pct(q['accuracy'])} → {pct(q['accuracy_spliced'])} ({100 * q['delta_accuracy']:+.1f} pts) | {pct(q['loss_recovered'])} |
+
+```bash
+{t['command']}
+```
+""")
+        m = r.get("marker")
+        if m:
+            tf = m["top_features"][:5]
+            feats = ", ".join(f"{f['feature']}" for f in tf)
+            out.append(f"""**The marker, found in feature space.** On `{m['data']}` the model follows
+the marker on {pct(m['follows_marker'])} of the images. Ranking every feature by its attribution to
+the predicted class (gradient × activation summed over tokens, `pl.sae.feature_attribution`; the
+marker's position is not used), each image's top feature is active on the marker's patch in
+{pct(m['top1_fires_on_marker'])} of the images, and {pct(m['top1_attribution_at_marker'])} of
+its attribution comes from that patch (mean over images). Ablating features (zero at every
+token, SAE spliced with its error term):
+
+| ablated | follows the marker | predicts the digit | logit(marker label) − logit(digit label) |
+|---|---|---|---|
+| nothing | {pct(m['follows_marker'])} | {pct(m['correct'])} | {m['logit_gap']:.2f} |
+| each image's top feature | {pct(m['ablate_top1']['follows_marker'])} | {pct(m['ablate_top1']['correct'])} | {m['ablate_top1']['logit_gap']:.2f} |
+| each image's top 3 | {pct(m['ablate_top3']['follows_marker'])} | {pct(m['ablate_top3']['correct'])} | {m['ablate_top3']['logit_gap']:.2f} |
+| the 10 top features overall ({feats}, ...) | {pct(m['ablate_global_top10']['follows_marker'])} | {pct(m['ablate_global_top10']['correct'])} | {m['ablate_global_top10']['logit_gap']:.2f} |
+
+(`patchlens.sae.shortcut.marker_features`; the test `test_zoo_shortcut_sae_finds_the_marker` checks
+the same on 48 images.)
+""")
+    out.append(f"Training all {len(recs)} SAEs with evaluation took {total_wall / 60:.1f} min wall "
+               f"on the shared 2-core machine and {total_cpu / 60:.1f} min of CPU time "
+               "(`python -m patchlens.sae --threads 2`; the bound in issue 19 is 15 min on 2 "
+               "cores). On the same machine under heavy load from other jobs the same runs took "
+               "up to 5 to 8 times longer (15.9 min wall for the shortcut SAE alone).\n")
+    return "\n".join(out)
+
+
+doc = doc.replace("## Retraining", sae_cards() + "\n## Retraining", 1)
 (W.parent.parent.parent / "docs" / "zoo.md").write_text(doc)
 print("ok")

@@ -92,7 +92,7 @@ def evaluate(model, circuit: Circuit, clean: Tensor, corrupted: Tensor,
     if diagnose is not None:
         from patchlens.circuits.ablate import ablation_weights, circuit_variants
         from patchlens.circuits.rewire import EdgeAblation
-        from patchlens.diagnostics.report import sweep_collector
+        from patchlens.diagnostics.diagnose import sweep_collector
 
         weights = ablation_weights(graph, keep)
         diag_variants = _diagnostic_variants(
@@ -107,10 +107,10 @@ def evaluate(model, circuit: Circuit, clean: Tensor, corrupted: Tensor,
                                circuit.fraction, ablation,
                                meta={"metric": metric_name(metric), "circuit": circuit.name})
     if collector is not None:
-        from patchlens.diagnostics.report import diagnose_sweep
+        from patchlens.diagnostics.diagnose import diagnose_sweep
         from patchlens.patching.results import PatchResult
 
-        effects = PatchResult(m.mean(-1) - m_clean.mean(), ("circuit",), {"circuit": labels})
+        effects = PatchResult(m.mean(-1), ("circuit",), {"circuit": labels}, baseline=m_clean)
         result.divergence = diagnose_sweep(model, clean, diag_variants, diagnose, effects,
                                            collector=collector)
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,6 +18,7 @@ from patchlens.diagnostics.measures import MIN_OT, few_threads, ot_divergence
 from patchlens.diagnostics.neurons import neuron_bound
 from patchlens.diagnostics.reference import Reference, class_of_tokens, token_classes, vectors
 from patchlens.diagnostics.result import DivergenceReport
+from patchlens.diagnostics.sae import SAEColumns
 from patchlens.diagnostics.scorer import needed_vectors
 from patchlens.diagnostics.verdict import evidence, vector_evidence, verdict
 from patchlens.diagnostics.verdict import thresholds as resolve_thresholds
@@ -65,7 +67,7 @@ class Collector:
     def __init__(self, model, target: Tensor, variants: Sequence, reference: Reference, *,
                  behaviour: bool = True, ot: bool | str = "site", ot_samples: int = 256,
                  max_vectors: int = 256, thresholds: dict[str, float] | None = None,
-                 also: Sequence[Reference] = ()):
+                 also: Sequence[Reference] = (), sae: Any = None):
         from patchlens.patching.engine import capture, start_layer
 
         self.th = resolve_thresholds(thresholds)
@@ -103,6 +105,9 @@ class Collector:
             if model.hook_spec(h).has_key_axis:
                 vectors(torch.zeros(1, 1, 1), model.hook_spec(h))  # raises the explanation
         self.hooks = hooks
+        self.sae_columns = SAEColumns(sae) if sae is not None else None
+        if self.sae_columns is not None:
+            self.sae_columns.check(hooks)
         self.down = [min((first_downstream_mlp(model, rs.spec) for rs in rss),
                          default=n_layers) for rss in self.resolved]
         self.starts = [min((start_layer(model, rs.spec) for rs in rss), default=n_layers)
@@ -380,6 +385,8 @@ class Collector:
             r["ot_ratio"] = float("nan")
             if self.ot == "variant" and r["n"] >= MIN_OT_VARIANT:
                 r["ot_ratio"] = self._ot(ref, key, pooled[key][s:e])["ratio"]
+            if self.sae_columns is not None:  # feature-space measures (diagnostics/sae.py)
+                r.update(self.sae_columns.row(key[0], key[1], pooled[key][s:e], ref))
             dorm = dormant[r["variant"]]
             r["n_dormant"] = len(dorm)
             r["neurons"] = ", ".join(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -17,7 +18,8 @@ from patchlens.diagnostics.result import DivergenceReport
 def diagnose(model, target: Tensor, variants: Sequence, reference: Reference, *,
              effects: Tensor | None = None, behaviour: bool = True, ot: bool | str = "site",
              ot_samples: int = 256, max_vectors: int = 256, memory_budget: str | int = "2GB",
-             thresholds: dict[str, float] | None = None, warn: bool = False) -> DivergenceReport:
+             thresholds: dict[str, float] | None = None, warn: bool = False,
+             sae: Any = None) -> DivergenceReport:
     """Measure how divergent each variant's patched activations are (one engine run).
 
     Args:
@@ -34,11 +36,14 @@ def diagnose(model, target: Tensor, variants: Sequence, reference: Reference, *,
         max_vectors: patched vectors kept per (variant, site) (uniform subsample).
         memory_budget: activation memory per engine chunk.
         thresholds: overrides of `THRESHOLDS` (``alpha``, ``outlier_rate``, ``dormant_margin``).
+        sae: a sparse autoencoder (or a list, or ``{hook: sae}``) trained at hooks the variants
+            patch: adds its feature-space measures to the rows (`patchlens.diagnostics.sae`).
     """
     from patchlens.patching.engine import run_variants
 
     col = Collector(model, target, variants, reference, behaviour=behaviour, ot=ot,
-                    ot_samples=ot_samples, max_vectors=max_vectors, thresholds=thresholds)
+                    ot_samples=ot_samples, max_vectors=max_vectors, thresholds=thresholds,
+                    sae=sae)
     run_variants(model, target, variants, observers=col.observers, memory_budget=memory_budget,
                  progress=False, return_type="pooled")
     rep = col.report(effects)

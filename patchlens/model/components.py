@@ -24,8 +24,9 @@ from patchlens.model.rotary import Rotation, apply_rotation
 
 
 def is_hooked(*points: HookPoint) -> bool:
-    """True if any of the hook points has a forward or backward hook attached."""
-    return any(p.fwd_hooks or p.bwd_hooks for p in points)
+    """True if any of the hook points has a forward or backward hook attached, or computes
+    something itself (a spliced SAE, `patchlens.model.splice`): fast paths must call it."""
+    return any(p.fwd_hooks or p.bwd_hooks or getattr(p, "transforms", False) for p in points)
 
 
 def quick_gelu(x: Tensor) -> Tensor:

@@ -529,6 +529,96 @@ class HookedViT(WeightViews, HookedRootModule):
             for k, v in old.items():
                 setattr(self.cfg, k, v)
 
+    # ---- sparse autoencoders ------------------------------------------------------------------
+    def add_sae(self, sae: Any, hook: str | None = None, *,
+                use_error_term: bool = False) -> HookedViT:
+        """Splice a sparse autoencoder in after hook point ``hook`` (default: the hook it was
+        trained on, ``sae.hook_name``), replacing any SAE already there.
+
+        The hook point keeps holding the model's activation; the SAE's hook points follow it
+        (``<hook>.hook_sae_input``, ``.hook_sae_acts_pre``, ``.hook_sae_acts_post`` (features),
+        ``.hook_sae_recons``, ``.hook_sae_error``, ``.hook_sae_output``; short names
+        ``sae_acts_post`` etc. for `Site`), and the rest of the network reads
+        ``hook_sae_output``. With ``use_error_term=True`` that is ``recons + error`` = the
+        activation (to rounding) unless a feature is patched. See `patchlens.model.splice`."""
+        from patchlens.model.splice import assign_aliases, splice, splices
+
+        hook = self._sae_hook(sae, hook)
+        splice(self, sae, hook, use_error_term)
+        self._reset_sae_schema(assign_aliases, splices)
+        return self
+
+    def reset_saes(self, hooks: str | Sequence[str] | None = None) -> None:
+        """Remove the SAEs spliced at ``hooks`` (default: all of them)."""
+        from patchlens.model.splice import assign_aliases, splices, unsplice
+
+        spliced = splices(self)
+        names = list(spliced) if hooks is None else [hooks] if isinstance(hooks, str) else list(hooks)
+        for h in names:
+            if h not in spliced:
+                raise InputError(f"No SAE is spliced at {h!r}; spliced: {sorted(spliced) or 'none'}.")
+            if any(hp.fwd_hooks or hp.bwd_hooks for _, hp in spliced[h].named_modules()):
+                raise InputError(f"The SAE at {h} has hooks attached; remove them "
+                                 "(model.reset_hooks()) first.")
+        for h in names:
+            unsplice(self, h)
+        self._reset_sae_schema(assign_aliases, splices)
+
+    @contextlib.contextmanager
+    def saes(self, saes: Any = (), *, use_error_term: bool = False) -> Iterator[HookedViT]:
+        """Splice ``saes`` (one SAE, a list, or ``{hook: sae}``) for the duration of the block;
+        whatever was spliced at those hooks before is restored afterwards."""
+        if isinstance(saes, dict):
+            items = list(saes.items())
+        else:
+            items = [(None, s) for s in (saes if isinstance(saes, (list, tuple)) else [saes])]
+        before = self.acts_to_saes
+        modes = {h: sp.use_error_term for h, sp in self._splices().items()}
+        added: list[str] = []
+        try:
+            for hook, sae in items:
+                h = self._sae_hook(sae, hook)
+                self.add_sae(sae, h, use_error_term=use_error_term)
+                added.append(h)
+            yield self
+        finally:
+            for h in dict.fromkeys(added):
+                if h in before:
+                    self.add_sae(before[h], h, use_error_term=modes[h])
+                elif h in self._splices():
+                    self.reset_saes(h)
+
+    @property
+    def acts_to_saes(self) -> dict[str, Any]:
+        """``{hook name: SAE}`` of the SAEs spliced into the model."""
+        return {h: sp.sae for h, sp in self._splices().items()}
+
+    def _splices(self):
+        from patchlens.model.splice import splices
+
+        return splices(self)
+
+    def _sae_hook(self, sae: Any, hook: str | None) -> str:
+        name = hook if hook is not None else getattr(sae, "hook_name", None)
+        if name is None and getattr(sae, "cfg", None) is not None:  # SAELens objects
+            meta = getattr(sae.cfg, "metadata", None)
+            name = getattr(meta, "hook_name", None) or getattr(sae.cfg, "hook_name", None)
+        if not isinstance(name, str):
+            raise InputError("Which hook? The SAE does not say (no hook_name): pass hook=, e.g. "
+                             "model.add_sae(sae, hook='blocks.3.hook_resid_post').")
+        for attr in ("encode", "decode", "W_dec", "b_dec"):
+            if not hasattr(sae, attr):
+                raise InputError(f"{type(sae).__name__} lacks {attr}: add_sae takes a sparse "
+                                 "autoencoder with encode, decode, W_dec and b_dec (see "
+                                 "patchlens.sae).")
+        self.check_hook_names([name])
+        return name
+
+    def _reset_sae_schema(self, assign_aliases, splices) -> None:
+        self.setup()
+        assign_aliases(self, splices(self))
+        self.setup()
+
     def set_use_attn_result(self, on: bool) -> None:
         self.cfg.use_attn_result = on
 

@@ -336,8 +336,11 @@ def _base_residuals(model, x: Tensor, layers: list[int]) -> dict[int, Tensor]:
              for l in layers}
     cap = Capture(list(names.values()))
     with model.hooks(fwd_hooks=cap.hooks()):
-        model(x, return_type=None, stop_at_layer=min(max(layers) + 1, n))
-    return {l: cap.acts[name] for l, name in names.items()}
+        last = model(x, return_type=None, stop_at_layer=min(max(layers) + 1, n))
+    out = {l: cap.acts[name] for l, name in names.items()}
+    if n in out:  # what the head reads: the blocks' output (after an SAE spliced at the last
+        out[n] = last  # resid_post, whose hook point holds the SAE's input)
+    return out
 
 
 # ---- step 4: execute ------------------------------------------------------------------------

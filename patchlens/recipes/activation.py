@@ -30,15 +30,16 @@ from patchlens.patching.sites import (
     Rect,
     ResolvedSite,
     Site,
+    resolve_features,
     resolve_heads,
     resolve_layers,
     resolve_tokens,
 )
 from patchlens.recipes.common import baseline_metrics, check_choice, check_pair, check_reference
 
-Per = Literal["token", "head", "head_token", "layer", "region"]
-PERS = ("token", "head", "head_token", "layer", "region")
-AXIS_OF = {"layers": "layer", "tokens": "token", "heads": "head"}
+Per = Literal["token", "head", "head_token", "layer", "region", "feature"]
+PERS = ("token", "head", "head_token", "layer", "region", "feature")
+AXIS_OF = {"layers": "layer", "tokens": "token", "heads": "head", "features": "feature"}
 
 
 @dataclass
@@ -64,6 +65,7 @@ def activation_patching(
     tokens: Any = "all",
     heads: Any = None,
     regions: dict[str, Tensor] | Sequence[Tensor] | None = None,
+    features: Any = None,
     direction: Literal["denoising", "noising"] = "denoising",
     method: Literal["exact", "attribution"] = "exact",
     batch_size: int | None = None,
@@ -77,13 +79,15 @@ def activation_patching(
         clean, corrupted: image batches ``[B, C, H, W]`` of the same shape (pairs).
         metric: ``logits [N, classes] -> [N]`` (see `patchlens.metrics`); wrap it in
             `patchlens.metrics.recovery` to report normalised recovery.
-        site: short hook name; default ``"resid_pre"`` (``"z"`` for per-head sweeps). A full
+        site: short hook name; default ``"resid_pre"`` (``"z"`` for per-head sweeps,
+            ``"sae_acts_post"`` for per-feature sweeps). A full
             hook name (``"blocks.3.hook_resid_pre"``) is one hook: the layer axis has its one
             layer.
         per: ``"token"`` (layer x token), ``"head"`` (layer x head, all selected tokens),
-            ``"head_token"`` (layer x head x token), ``"layer"``, or ``"region"`` (layer x
-            the given patch-grid ``regions``).
-        layers, tokens, heads: restrict the sweep (selectors as in `Site`).
+            ``"head_token"`` (layer x head x token), ``"layer"``, ``"region"`` (layer x
+            the given patch-grid ``regions``), or ``"feature"`` (layer x feature, at a hook with
+            a feature axis such as a spliced SAE's ``"sae_acts_post"``; all selected tokens).
+        layers, tokens, heads, features: restrict the sweep (selectors as in `Site`).
         direction: ``"denoising"`` patches clean activations into the corrupted run;
             ``"noising"`` patches corrupted activations into the clean run.
         method: ``"exact"`` (one patched run per variant, batched) or ``"attribution"``
@@ -101,7 +105,7 @@ def activation_patching(
     target, source = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     m_clean, m_corrupted = baseline_metrics(model, clean, corrupted, metric)
     sweep = _plan(model, site, per, layers, tokens, heads, regions, source, direction,
-                  model.layout_for(tuple(clean.shape[-2:])))
+                  model.layout_for(tuple(clean.shape[-2:])), features)
     m_target = m_corrupted if direction == "denoising" else m_clean
     collector = None
     if method == "exact":
@@ -143,11 +147,12 @@ def _validate(model, clean, corrupted, site, per, direction, method, diagnose, r
                          "per='region' to sweep over the regions.")
     if site is not None and not isinstance(site, str):
         raise InputError(f"site must be a hook name (short or full), got {site!r}.")
-    return site if site is not None else ("z" if per in ("head", "head_token") else "resid_pre")
+    default = {"head": "z", "head_token": "z", "feature": "sae_acts_post"}.get(per, "resid_pre")
+    return site or default
 
 
 def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, direction,
-          layout) -> _Sweep:
+          layout, features=None) -> _Sweep:
     """The sweep's axes (Site field -> values), labels and variants."""
     axes: dict[str, list] = {}
     labels: dict[str, list] = {}
@@ -155,6 +160,8 @@ def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, di
     probe = Site(site)
     if probe.is_per_layer(model):
         layer_list = resolve_layers(layers, model.cfg.n_layers)
+        if isinstance(layers, str) and layers == "all":  # only where the hook exists (SAEs)
+            layer_list = [l for l in layer_list if l in model.hook_aliases[site]]
         axes["layers"], labels["layer"] = layer_list, [str(layer) for layer in layer_list]
     else:  # one hook (a full name, or a hook outside the blocks): a layer axis of one entry
         ((name, layer),) = Site(site, layers=layers).hook_names(model)
@@ -176,6 +183,14 @@ def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, di
         axes["tokens"], labels["region"] = list(named.values()), list(named)
     else:
         fixed["tokens"] = tokens
+    if per == "feature":
+        feat_list = (resolve_features(features) if features is not None
+                     else torch.arange(_feature_count(
+                         model, site, axes["layers"] if probe.is_per_layer(model) else layers,
+                         source))).tolist()
+        axes["features"], labels["feature"] = feat_list, [str(f) for f in feat_list]
+    elif features is not None:
+        fixed["features"] = features
     source_name = "clean" if direction == "denoising" else "corrupted"
     recipe = Recipe([(Site(site, **fixed), Interchange(source, source_name))],
                     f"activation patching ({direction})")
@@ -184,6 +199,21 @@ def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, di
     coords = {n: (list(range(len(v))) if n == "region" else list(v))
               for n, v in zip(names, axes.values())}
     return _Sweep(axes, names, {n: labels[n] for n in names}, coords, variants)
+
+
+def _feature_count(model, site: str, layers, images: Tensor) -> int:
+    """Width of the feature axis at ``site`` (measured on one image)."""
+    names = [n for n, _ in Site(site, layers=layers).hook_names(model)]
+    spec = model.hook_spec(names[0])
+    if spec.feature_axis is None:
+        raise InputError(f"per='feature' needs a hook with a feature axis (e.g. a spliced SAE's "
+                         f"'sae_acts_post'); {spec.describe()} has none.")
+    acts = capture(model, images[:1], names, return_type=None).acts
+    widths = {n: a.shape[model.hook_spec(n).feature_axis] for n, a in acts.items()}
+    if len(set(widths.values())) > 1:
+        raise InputError(f"The feature axes differ in width across layers ({widths}); sweep one "
+                         "layer at a time or pass features=.")
+    return next(iter(widths.values()))
 
 
 def _assemble(model, sweep: _Sweep, per_variant: Tensor, clean, m_clean, m_corrupted, m_target,

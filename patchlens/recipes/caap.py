@@ -60,6 +60,7 @@ def caap(
     memory_budget: str | int | None = "2GB",
     progress: bool | None = None,
     seed: int = 0,
+    features: Any = None,
 ) -> AttributionMap:
     """CAAP attribution map of ``images`` for ``target`` (Izadi et al. 2026).
 
@@ -86,6 +87,8 @@ def caap(
         reference: normalised images for ``context="mean_activation"``.
         batch_size, memory_budget, progress: passed to the engine.
         seed: seed of the ``"noise"`` context.
+        features: at a site with a feature axis (a spliced SAE's ``"sae_acts_post"``), patch
+            only these features of each block's tokens (a map of one feature's contribution).
 
     Returns:
         `AttributionMap` with ``values [batch, grid_h, grid_w]`` = score(patched) - score(context)
@@ -118,7 +121,8 @@ def caap(
               for r0 in range(0, gh, group) for c0 in range(0, gw, group)]
     source = Stored({h: run.acts[h][:b] for h in hooks}, "image")
     variants = [
-        Variant(pre + [(Site(site, layers=range(start, end), tokens=Rect(*blk)), source)],
+        Variant(pre + [(Site(site, layers=range(start, end), tokens=Rect(*blk),
+                                  features=features), source)],
                 label=blk)
         for blk in blocks
     ]
@@ -138,6 +142,7 @@ def caap(
     full = metric(logits).to(dtype).cpu()
     meta = {"layers": (start, end), "context": context if isinstance(context, str) else "image",
             "site": site, "score": score, "group": group, "context_score": base,
+            "features": features,
             "image_score": full}
     if score == "logit_diff":
         meta["second_class"] = metric.other
