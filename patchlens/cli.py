@@ -31,6 +31,7 @@ BENCHMARKS = {
     "divergence_calibration": "false-alarm and detection rates of the divergence verdict on the zoo models",
     "circuits": "EAP / EAP-IG / exact edge scores against a forward pass, a naive loop and the floor",
     "sae": "spliced-forward cost and a per-feature sweep against a naive loop",
+    "das": "DAS training time to convergence and its interchange-intervention accuracy",
     "scale": "`patchlens run` throughput on 2 processes against 1",
 }
 
