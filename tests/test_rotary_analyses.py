@@ -69,7 +69,7 @@ def test_head_sweeps_on_rotary_hooks_equal_naive(kind, site, pair):
         hook = model.hook_aliases[site][layer]
         for head in range(4):
             ref = naive_patch(model, clean, corr, hook, (slice(None), slice(None), head), metric)
-            assert torch.allclose(res.per_example[layer, head], ref, atol=1e-10), (layer, head)
+            assert torch.allclose(res.per_example[:, layer, head], ref, atol=1e-10), (layer, head)
     assert (res.values - res.corrupted.mean()).abs().max() > 1e-6  # not vacuous
 
 
@@ -89,7 +89,7 @@ def test_token_sweeps_on_new_hooks_equal_naive(kind, hook, pair):
     assert res.values.shape == (1, 3)
     for i, t in enumerate(tokens):
         ref = naive_patch(model, clean, corr, hook, (slice(None), t), metric)
-        assert torch.allclose(res.per_example[0, i], ref, atol=1e-10), t
+        assert torch.allclose(res.per_example[:, 0, i], ref, atol=1e-10), t
 
 
 @pytest.mark.parametrize("kind, receivers", [
@@ -107,9 +107,9 @@ def test_path_patching_with_rotary_receivers_equals_naive(kind, receivers, pair)
     assert res.axes == ("layer", "head") and res.values.shape == (last, 4)
     for sender in senders:
         ref = naive_path_patching(model, clean, corr, sender, receivers, metric)
-        got = res.per_example[sender.layer, sender.head]
+        got = res.effects_per_example[:, sender.layer, sender.head]  # patched − corrupted
         assert torch.allclose(got, ref, atol=1e-10), sender
-    assert res.values.abs().max() > 1e-8  # not vacuous
+    assert res.effects.abs().max() > 1e-8  # not vacuous
 
 
 def test_split_q_input_then_rotation_composes(model, pair):
