@@ -223,9 +223,12 @@ def main(argv=None):
         print(q.to_string(float_format=lambda v: f"{v:.2f}"))
     print(f"total {seconds / 60:.1f} min")
     if args.write_docs:
+        given = list(argv if argv is not None else sys.argv[1:])
+        if "--save" in given:  # where the rows were pickled is not part of the run
+            i = given.index("--save")
+            del given[i : i + 2]
         cmd = "python benchmarks/divergence_calibration.py " + " ".join(
-            a for a in (argv if argv is not None else sys.argv[1:])
-            if a != "--write-docs") + " --write-docs"
+            a for a in given if a != "--write-docs") + " --write-docs"
         write_docs(df, scan, args.margin, cmd.replace("  ", " "), seconds)
     return df
 

@@ -312,7 +312,8 @@ def zoo():
 
     model = pl.HookedViT.from_pretrained("clutter-digits-vit").eval()
     x = model.preprocess(generate(400, split="train", seed=0).images)
-    ref = Reference.fit(model, x, ["resid_pre", ("attn_out", [4])], progress=False)
+    ref = Reference.fit(model, x, ["resid_pre", ("attn_out", [4]), ("mlp_out", [4])],
+                        progress=False)
     data = generate(12, split="test", seed=5)
     held = model.preprocess(data.images)
     return model, ref, held, data
@@ -390,6 +391,8 @@ def test_zoo_held_out_images_sinkhorn_and_zscore(zoo):
     nat, groups = ref.natural(hook, "patches"), ref.images_of(hook, "patches")
     by_image = ot_divergence(held, nat, groups=groups, max_samples=800)
     assert 0.8 < by_image.ratio < 1.3
+    by_vector = ot_divergence(held, nat, max_samples=800)  # the paper code's random halves
+    assert by_vector.ratio > by_image.ratio
     out = assess(held[:300], nat, groups=groups)
     assert out["verdict"] == "natural", out["evidence"]
     shifted = held[:300] + 2 * nat.std(0)
@@ -484,8 +487,11 @@ def test_zoo_insufficient_reference_for_the_class_token(zoo):
 
 
 def test_zoo_calibration_reduced(zoo):
-    """The calibration benchmark in small: every case type at two sites, each case judged as
-    its kind requires (docs/divergence.md has the full table)."""
+    """The calibration benchmark in small (issue 16): every case type at a residual site
+    (layer 0, where the class token is constant, and layer 4), an attention-output and an
+    MLP-output site, judged against two references (other images, other reservoir seed):
+    no false alarm, every known-divergent case detected, by both references (docs/divergence.md
+    has the full table)."""
     from patchlens.diagnostics.calibration import (
         DIVERGENT,
         NATURAL,
@@ -497,7 +503,11 @@ def test_zoo_calibration_reduced(zoo):
     from patchlens.zoo.clutter_digits import generate
 
     model, ref, held, data = zoo
-    hooks = ["blocks.4.hook_resid_pre", "blocks.4.hook_attn_out"]
+    hooks = ["blocks.0.hook_resid_pre", "blocks.4.hook_resid_pre", "blocks.4.hook_attn_out",
+             "blocks.4.hook_mlp_out"]
+    other_ref = Reference.fit(model, model.preprocess(generate(400, split="train", seed=1).images),
+                              [("resid_pre", [0, 4]), ("attn_out", [4]), ("mlp_out", [4])],
+                              progress=False, seed=1)
     pool_data = generate(200, split="train", seed=999)
     pool = case_pool(model, model.preprocess(pool_data.images), pool_data.labels, hooks)
     assert pool.mean_far[("blocks.4.hook_resid_pre", "cls")]  # the mean ablation case exists
@@ -506,10 +516,28 @@ def test_zoo_calibration_reduced(zoo):
     same = model.preprocess(src.images)[[int(torch.nonzero(src.labels == y)[0]) for y in lab]]
     other = model.preprocess(src.images)[[int(torch.nonzero(src.labels != y)[i])
                                           for i, y in enumerate(lab)]]
-    rows = calibrate(model, ref, held[:4], same, other, hooks, pool) + toy_rows(200)
-    seen = {r["case"] for r in rows}
-    assert set(NATURAL) | set(DIVERGENT) | {"toy ReLU"} <= seen
-    wrong = [(r["case"], r["hook"], r["class"], r["verdict"]) for r in rows
-             if correct(r["kind"], r["verdict"]) is False]
+    rows = calibrate(model, [ref, other_ref], held[:4], same, other, hooks, pool)
+    rows += [{**r, "reference": i} for i in (0, 1) for r in toy_rows(200, seed=i)]
+    seen = {(r["case"], r["hook"].split(".")[-1]) for r in rows}
+    for site in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out"):
+        # the class mean is a known-divergent case only where it lies inside the natural shell
+        want = set(NATURAL) | set(DIVERGENT) - ({"mean of class, one token"}
+                                                if site != "hook_resid_pre" else set())
+        assert {(c, site) for c in want} <= seen, site
+    assert ("toy ReLU", "toy") in seen
+    judged = [r for r in rows if r["kind"] != "probe"]
+    assert len(judged) > 100
+    wrong = [(r["reference"], r["case"], r["hook"], r["class"], r["verdict"]) for r in judged
+             if correct(r["kind"], r["verdict"]) is not True]  # insufficient counts as wrong
     assert wrong == []
-    assert all(r["verdict"] != "insufficient-reference" for r in rows)
+    by = {}
+    for r in judged:
+        by.setdefault((r["case"], r["hook"], r["class"]), []).append(r["verdict"])
+    assert all(len(v) == 2 for v in by.values())
+    # natural vs divergent: the same call from both references (implied by `wrong == []`);
+    # harmless vs pernicious rests on neuron maxima, which a 400-image reference (a fifth of
+    # RECOMMENDED_IMAGES) draws from fewer samples: the docs table measures its seed flips
+    # (<= 1% at 2000 images); here a few may differ
+    flips = [(k, v) for k, v in by.items() if v[0] != v[1]]
+    assert all({*v} == {"divergent-harmless", "divergent-pernicious"} for _, v in flips)
+    assert len(flips) <= 0.05 * len(by), flips

@@ -93,9 +93,10 @@ pd.DataFrame([
 # `benchmarks/divergence_calibration.py` runs known-natural interventions (held-out images,
 # self-patches, whole-layer interchanges from another image) and known-divergent ones (zero,
 # x0 / x0.1 / x10, the class mean where it lies inside the natural shell, large random and
-# steering vectors, vectors from the most distant layer, the paper's toy ReLU case) at every
-# residual, attention-output and MLP site of both zoo models, with references of 100 to 2000
-# images and three seeds. Its table, per model and reference size (in %):
+# steering vectors, vectors from the most distant layer, the paper's toy ReLU case) at the
+# residual, attention-output and MLP sites of layers 0, 2 and 5 of both zoo models, with
+# references of 100 to 2000 images and two seeds (docs/divergence.md has the command and the
+# full tables). Its table, per model and reference size (in %):
 
 # %%
 from patchlens.diagnostics.calibration import figure, overall, zoo_counts  # noqa: E402
