@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from patchlens.checks import all_finite
-from patchlens.circuits.graph import Graph
+from patchlens.circuits.graph import Graph, check_model
 from patchlens.circuits.rewire import EdgePatch
 from patchlens.circuits.scores import EdgeScores
 from patchlens.errors import InputError
@@ -150,6 +150,7 @@ def check_graph(model, graph: Graph | None, x: Tensor) -> Graph:
         return Graph.from_model(model, tuple(x.shape[-2:]))
     if not isinstance(graph, Graph):
         raise InputError(f"graph= takes a patchlens.circuits.Graph, got {type(graph).__name__}.")
+    check_model(model)
     cfg = model.cfg
     layout = model.layout_for(tuple(x.shape[-2:]))
     if (graph.n_layers, graph.n_heads) != (cfg.n_layers, cfg.n_heads):
