@@ -550,3 +550,57 @@ def test_headless_model_scores_the_pooled_output():
     sc = edge_scores(m, clean, corr, feature, method="exact", graph=graph, progress=False)
     ref = naive_exact(m, graph, clean, corr, feature, edges=range(0, graph.n_edges, 5))
     assert torch.allclose(sc.per_example[::5], ref, atol=1e-10, rtol=0)
+
+
+# ---- rotary / gated / sub-norm models -------------------------------------------------------------
+
+
+def rotary_model(**extra):
+    """2 layers x 4 heads: rotary q/k (DINOv3 tables), q/k norms, registers, LayerScale, a
+    SwiGLU MLP with its sub-LayerNorm; float64, perturbed away from the init."""
+    from conftest import perturb_
+
+    torch.manual_seed(5)
+    cfg = pl.ViTConfig(d_model=32, d_head=8, n_heads=4, n_layers=2, d_mlp=48,
+                       image_size=(32, 32), patch_size=(8, 8), n_classes=5, n_registers=1,
+                       pos_embed=False, rope="timm_dinov3", qk_norm=True, layer_scale=True,
+                       mlp_kind="swiglu", mlp_norm=True, **extra)
+    return perturb_(pl.HookedViT(cfg).double().eval(), std=0.2)
+
+
+def test_exact_and_eap_on_a_rotary_gated_model():
+    """Split q/k inputs sit before the rotation (and the q/k norms): patching them is exact;
+    gated MLPs with a sub-norm and LayerScale keep every node's output additive."""
+    m = rotary_model()
+    g = torch.Generator().manual_seed(3)
+    clean, corr = (torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64) for _ in range(2))
+    metric = pl.metrics.logit_diff(1, 2)
+    graph = Graph.from_model(m, tokens={"corner": (0, 0)})
+    sc = edge_scores(m, clean, corr, metric, method="exact", graph=graph, progress=False)
+    ref = naive_exact(m, graph, clean, corr, metric)      # every edge
+    assert torch.allclose(sc.per_example, ref, atol=1e-10, rtol=0)
+    assert ref.abs().max() > 1e-3
+    q_k = [i for i, e in enumerate(graph.edges) if graph.receivers[e.receiver].input in "qk"]
+    assert ref[q_k].abs().max() > 1e-4   # rotary q / k receivers carry effects
+    eap = edge_scores(m, clean, corr, metric, method="eap", graph=graph)
+    assert torch.allclose(eap.per_example, naive_eap(m, graph, clean, corr, metric), atol=1e-10,
+                          rtol=0)
+    no_stray_hooks(m)
+
+
+def test_attention_sub_norm_is_refused():
+    """With a LayerNorm over the concatenated heads (cfg.attn_norm) a head has no output of its
+    own: the graph is refused, naming the feature, and nothing is left hooked."""
+    m = rotary_model(attn_norm=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(InputError, match="attn_norm.*mixes the heads"):
+        Graph.from_model(m)
+    with pytest.raises(InputError, match="attn_norm"):
+        edge_scores(m, x, x.flip(0), pl.metrics.logit(0))
+    other = Graph.from_model(rotary_model())   # a graph of the same shape, another model
+    with pytest.raises(InputError, match="attn_norm"):
+        edge_scores(m, x, x.flip(0), pl.metrics.logit(0), graph=other)
+    with pytest.raises(InputError, match="attn_norm"):
+        evaluate(m, Circuit.from_edges(other, ["embed->logits"]), x, x.flip(0),
+                 pl.metrics.logit(0))
+    no_stray_hooks(m)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from patchlens.checks import all_finite
-from patchlens.circuits.graph import Graph
+from patchlens.circuits.graph import Graph, check_model
 from patchlens.circuits.rewire import EdgePatch
 from patchlens.circuits.scores import EdgeScores
 from patchlens.errors import InputError
@@ -69,16 +69,19 @@ def edge_scores(
     """Score every edge of ``graph`` (default: `Graph.from_model(model)`).
 
     Args:
-        clean, corrupted: image batches ``[B, C, H, W]`` of the same shape (pairs).
+        clean: image batch ``[B, C, H, W]``.
+        corrupted: its pairs, the same shape as ``clean``.
         metric: ``logits [N, classes] -> [N]`` (see `patchlens.metrics`); with
             `patchlens.metrics.recovery` the scores are divided by ``m_clean - m_corrupted``
             (per image), i.e. given as a fraction of the clean-corrupted gap.
         method: ``"exact"``, ``"eap"`` or ``"eap-ig"`` (see the module docstring).
         direction: ``"noising"`` (clean run, the edge carries the corrupted value; tests
             necessity, the setting of the EAP and ACDC papers) or ``"denoising"``.
-        ig_steps, ig: EAP-IG's number of points and what it interpolates.
-        batch_size, memory_budget, progress: passed to the engine (``batch_size`` = rows per
-            forward pass).
+        ig_steps: EAP-IG's number of points.
+        ig: what EAP-IG interpolates (``"inputs"`` or ``"activations"``).
+        batch_size: rows per forward pass (passed to the engine).
+        memory_budget: passed to the engine.
+        progress: passed to the engine.
 
     Returns:
         `EdgeScores`: ``values [n_edges]`` (mean over images) and ``per_example [n_edges, B]``
@@ -150,6 +153,7 @@ def check_graph(model, graph: Graph | None, x: Tensor) -> Graph:
         return Graph.from_model(model, tuple(x.shape[-2:]))
     if not isinstance(graph, Graph):
         raise InputError(f"graph= takes a patchlens.circuits.Graph, got {type(graph).__name__}.")
+    check_model(model)
     cfg = model.cfg
     layout = model.layout_for(tuple(x.shape[-2:]))
     if (graph.n_layers, graph.n_heads) != (cfg.n_layers, cfg.n_heads):

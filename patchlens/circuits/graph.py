@@ -182,6 +182,7 @@ class Graph:
             split: which nodes are split by ``tokens``: node names (``"embed"``, ``"a0.h1"``,
                 ``"m2"``) or ``"all"``; default ``"embed"`` when ``tokens`` is given.
         """
+        check_model(model)
         cfg = model.cfg
         n, h = cfg.n_layers, cfg.n_heads
         layout = model.layout if image_size is None else model.layout_for(tuple(image_size))
@@ -380,6 +381,25 @@ class Graph:
                 f"{c['edges']} edges)")
 
 
+def check_model(model) -> None:
+    """Refuse models whose heads do not each add their own output to the residual stream.
+
+    With ``cfg.attn_norm`` (a LayerNorm over the concatenated head outputs before ``W_O``: timm
+    Eva ``scale_attn_inner``, EVA02-CLIP's sub-LayerNorm) the attention output is
+    ``LN([z_0, ..., z_H]) W_O``: the norm mixes the heads, so a head has no output of its own
+    (``z_h W_O_h`` is not what it adds) and the per-head edges of the graph do not exist.
+    Rotary position embeddings, q/k norms, gated MLPs, MLP sub-norms and LayerScale keep every
+    node's output additive and are supported."""
+    if getattr(model.cfg, "attn_norm", False):
+        raise InputError(
+            "Circuit discovery is not defined for this model: its attention normalises the "
+            "concatenated head outputs before the output projection (cfg.attn_norm: a "
+            "sub-LayerNorm inside attention, as in timm Eva scale_attn_inner / EVA02-CLIP), "
+            "which mixes the heads, so a head has no output of its own to send along an edge. "
+            "Use node-level tools instead (activation_patching on blocks.l.attn.hook_z or "
+            "hook_attn_out, path_patching).")
+
+
 def _feeds(sender: GraphNode, r: Receiver) -> bool:
     """Whether ``sender``'s output reaches receiver ``r`` through the residual stream."""
     if sender.kind == "embed" or r.input == "out":
@@ -445,4 +465,4 @@ def _unknown(what: str, name: Any, known) -> InputError:
                       f"{', '.join(known[:4])}, ... ({len(known)} in all).")
 
 
-__all__ = ["Graph", "GraphNode", "Receiver", "Edge", "HookBlock", "SenderHook"]
+__all__ = ["check_model", "Graph", "GraphNode", "Receiver", "Edge", "HookBlock", "SenderHook"]

@@ -40,7 +40,9 @@ def greedy_circuit(model, clean: Tensor, corrupted: Tensor, metric: Callable[[Te
     Args:
         tau: an edge is dropped if removing it changes the metric by less than ``tau`` times
             ``|m(full) - m(empty)|`` (the mean over the images).
-        ablation, reference, seed: how removed edges are ablated (see `evaluate`).
+        ablation: how removed edges are ablated (see `evaluate`).
+        reference: the images of mean / resample ablations (see `evaluate`).
+        seed: the resample ablation's seed (see `evaluate`).
 
     Returns:
         a `Circuit`; ``circuit.meta`` holds ``tau``, the number of engine runs and of
