@@ -255,7 +255,15 @@ def test_sweep_with_diagnose(vit_setup, tmp_path):
     s = rep.summary()
     assert "variants" in s and "\n" not in s and "alpha=0.01" in s and "240 images" in s
     assert "divergence:" in repr(res)
-    rep.plot()
+    # issue 17: every panel a heatmap with a titled colour bar, axis titles, effect centred on 0
+    fig = rep.plot()
+    maps = [t for t in fig.data if t.type == "heatmap"]
+    assert [t.colorbar.title.text for t in maps] == ["effect (patched − unpatched)",
+                                                     "outlier rate", "dormant neurons"]
+    assert maps[0].zmid == 0 and maps[0].zmin == -maps[0].zmax
+    assert list(maps[0].y) == ["0", "2"] and len(maps[0].x) == 3
+    assert fig.layout.xaxis.title.text == "token" and fig.layout.yaxis.title.text == "layer"
+    assert fig.layout.xaxis3.title.text == "token"
     ref.save(tmp_path / "ref.safetensors")
     back = Reference.load(tmp_path / "ref.safetensors")
     assert back.hooks == ref.hooks
@@ -274,6 +282,8 @@ def test_steering_sweep_is_divergent(vit_setup):
     rep = diagnose(model, images[:4], v, ref, ot=False)
     assert rep.variant_verdicts()[0].startswith("divergent")
     assert rep.rows[0]["outlier_rate"] == 1.0
+    bars = rep.plot().data   # one variant: bars labelled by its name, not "(0,)"
+    assert [list(b.x) for b in bars][:2] == [["steer"], ["steer"]]
 
 
 def test_bad_input(vit_setup, tiny_cfg, tmp_path):

@@ -21,8 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import patchlens as pl
-from patchlens import PatchlensError, Rect, Site
+from patchlens import PatchlensError, Rect, Site, das
+from patchlens import circuits as C
 from patchlens import diagnostics as D
+from patchlens import sae as S
 from patchlens.attribution import METHODS
 from patchlens.attribution import metrics as am
 from patchlens.patching.engine import capture
@@ -82,6 +84,7 @@ class Case:
     args: dict[str, Arg]
     same: Callable[[Any, Any], bool] = field(default=lambda a, b: _same(a, b))
     examples: int = 12
+    model: Callable[[Ctx], Any] = field(default=lambda k: k.model)   # the model left untouched
 
 
 def _values(out):
@@ -227,6 +230,232 @@ CASES = [
               p_keep=Arg([c(0), c(1.5), c(NAN), c("a")], ("p_keep",)),
               seed=Arg([c(1.5), c("a")], ("seed",)),
               batch_size=Arg(BAD_COUNT, ("batch_size",), ints()))),
+]
+
+# ---- the packages merged later: circuits, DAS, SAEs, rotary models ----
+_CACHE: dict[str, Any] = {}
+
+
+def cached(key: str, make: Callable[[Ctx], Any]) -> Callable[[Ctx], Any]:
+    """A value built once per test session from the context (graphs, scores, SAEs, models)."""
+    def get(k: Ctx):
+        if key not in _CACHE:
+            _CACHE[key] = make(k)
+        return _CACHE[key]
+    return get
+
+
+def _timm(name: str, **kwargs):
+    import timm
+
+    torch.manual_seed(3)
+    return timm.create_model(name, pretrained=False, depth=1, embed_dim=64, num_heads=2,
+                             **kwargs).eval()
+
+
+def _rotary(k: Ctx) -> pl.HookedViT:
+    torch.manual_seed(2)
+    return pl.HookedViT(pl.ViTConfig(**CFG, rope="timm_cat")).eval().double()
+
+
+graph = cached("graph", lambda k: C.Graph.from_model(k.model))
+scores = cached("scores", lambda k: C.edge_scores(k.model, k.x, k.y, pl.metrics.logit(1),
+                                                  graph=graph(k)))
+circuit = cached("circuit", lambda k: C.Circuit.top_k(scores(k), 6))
+one_layer_graph = cached("graph1", lambda k: C.Graph.from_model(
+    pl.HookedViT(pl.ViTConfig(**{**CFG, "n_layers": 1})).double()))
+sae64 = cached("sae", lambda k: S.SAE(16, 24, hook_name="blocks.1.hook_resid_post",
+                                      dtype=torch.float64).init_(seed=0))
+rotary = cached("rotary", _rotary)
+timm_eva = cached("eva", lambda k: _timm("eva02_tiny_patch14_224", img_size=28))
+timm_rope_mixed = cached("rope_mixed", lambda k: _timm("vit_small_patch16_rope_mixed_224",
+                                                       img_size=32))
+DAS_SITE = Site("resid_pre", layers=1, tokens="cls")
+
+
+def _das_pairs(k):
+    return torch.cat([k.x, k.y]), torch.cat([k.y, k.x])
+
+
+def _trained(k):
+    iv = das.RotatedSubspace(2, seed=0)
+    das.train_intervention(k.model, DAS_SITE, iv, _das_pairs(k), torch.tensor([1, 2, 3, 0]),
+                           steps=1, batch_size=2, eval_every=1, held_out_fraction=0.5,
+                           progress=False)
+    return iv
+
+
+trained = cached("trained", _trained)
+
+
+def _add_sae(k, **kw):
+    """Splice, run, unsplice: a refused splice must leave nothing behind by itself."""
+    k.model.add_sae(kw.pop("sae"), **kw)
+    try:
+        return k.model(k.x).detach()
+    finally:
+        k.model.reset_saes()
+
+
+def _sae_state(k):
+    return {n: t.detach().clone() for n, t in sae64(k).state_dict().items()}
+
+
+def _with(k, name, value):
+    return {**_sae_state(k), name: value}
+
+
+CIRCUIT_CASES = [
+    Case("circuits.edge_scores",
+         lambda k, **kw: C.edge_scores(k.model, kw.pop("clean"), kw.pop("corrupted"),
+                                       kw.pop("metric"), progress=False, **kw),
+         lambda k: dict(clean=k.x, corrupted=k.y, metric=pl.metrics.logit(1), graph=graph(k)),
+         dict(clean=Arg(images(lambda k: k.x[:1]), IMAGE_WORDS + ("clean",)),
+              corrupted=Arg(images(), IMAGE_WORDS + ("corrupted",)),
+              metric=Arg(BAD_METRIC, ("metric", "rounding")),
+              method=Arg([c("acdc"), c(None), c(3)], ("method",)),
+              direction=Arg([c("bogus"), c(None)], ("direction",)),
+              ig=Arg([c("bogus")], ("ig",)),
+              ig_steps=Arg([c(0), c(2.5), c(True), c("3")], ("ig_steps",)),
+              graph=Arg([c("graph"), one_layer_graph,
+                         lambda k: C.Graph.from_model(k.model, (24, 24))], ("graph",)),
+              batch_size=Arg(BAD_COUNT, ("batch_size",), ints()),
+              memory_budget=Arg(BAD_BUDGET, ("memory",), OK_BUDGET)),
+         same=lambda a, b: torch.allclose(a.per_example, b.per_example, atol=1e-12, rtol=0),
+         examples=25),
+    Case("circuits.evaluate",
+         lambda k, **kw: C.evaluate(k.model, kw.pop("circuit"), kw.pop("clean"),
+                                    kw.pop("corrupted"), kw.pop("metric"), progress=False, **kw),
+         lambda k: dict(circuit=circuit(k), clean=k.x, corrupted=k.y, metric=pl.metrics.logit(1)),
+         dict(circuit=Arg([c("top6"), c(None), scores,
+                           lambda k: C.Circuit.from_edges(one_layer_graph(k), [0])],
+                          ("circuit", "graph")),
+              clean=Arg(images(lambda k: k.x[:1]), IMAGE_WORDS + ("clean",)),
+              metric=Arg(BAD_METRIC[:6], ("metric",)),
+              ablation=Arg([c("bogus"), c(None)], ("ablation",)),
+              diagnose=Arg([c(True), c("yes")], ("diagnose", "reference")),
+              batch_size=Arg(BAD_COUNT, ("batch_size",), ints()),
+              memory_budget=Arg(BAD_BUDGET, ("memory",), OK_BUDGET)),
+         same=lambda a, b: (abs(a.faithfulness - b.faithfulness) <= 1e-12
+                            and torch.allclose(a.circuit, b.circuit, atol=1e-12, rtol=0)),
+         examples=20),
+    Case("circuits.Circuit.top_k", lambda ctx, **kw: C.Circuit.top_k(**kw),
+         lambda k: dict(scores=scores(k), k=6),
+         dict(scores=Arg([c("scores"), c(None), graph], ("scores", "edgescores")),
+              k=Arg([c(0), c(1.5), c(-1), c(True), c("6")], ("k",)),
+              by=Arg([c("bogus"), c(None)], ("by",))),
+         same=lambda a, b: torch.equal(a.mask, b.mask), examples=8),
+]
+
+DAS_CASES = [
+    Case("das.train_intervention",
+         lambda k, **kw: das.train_intervention(k.model, kw.pop("site"), kw.pop("intervention"),
+                                                kw.pop("pairs"), kw.pop("labels"),
+                                                progress=False, **kw),
+         lambda k: dict(site=DAS_SITE, intervention=das.RotatedSubspace(2, seed=0),
+                        pairs=_das_pairs(k), labels=torch.tensor([1, 2, 3, 0]), steps=1,
+                        batch_size=2, eval_every=1, held_out_fraction=0.5),
+         dict(site=Arg([c(Site("resid_pre", layers=9)), c("resid_pre"), c(Site("foo", layers=0)),
+                        c(Site("resid_pre", layers=1, tokens=99))],
+                       ("site", "layer", "hook", "token")),
+              intervention=Arg([c(pl.Zero()), c(3), c(das.RotatedSubspace(40))],
+                               ("intervention", "wider")),
+              pairs=Arg([c("pairs"), lambda k: (k.x,), lambda k: (k.x.float(), k.y.float()),
+                         lambda k: (torch.cat([k.x, k.y]), k.y), lambda k: (k.x * NAN, k.y)],
+                        ("pair", "base", "source", "image")),
+              labels=Arg([c(torch.tensor([1.5, 0.0, 0.0, 0.0])), c(torch.tensor([9, 0, 0, 0])),
+                          c(torch.tensor([0, 1])), c(None), c("a")], ("label",)),
+              cl_weight=Arg([c(-1), c(NAN), c("a"), c(1.0)], ("cl_weight",)),
+              steps=Arg([c(0), c(2.5), c(True)], ("steps",)),
+              batch_size=Arg(BAD_COUNT, ("batch_size",)),
+              lr=Arg([c(0), c(-1), c(NAN), c("a")], ("lr",)),
+              eval_every=Arg([c(0), c(1.5)], ("eval_every",)),
+              patience=Arg([c(0), c(1.5)], ("patience",)),
+              held_out_fraction=Arg([c(0), c(1.5), c(NAN), c(1.0)], ("held_out",)),
+              seed=Arg([c(1.5), c("a")], ("seed",)),
+              eval_batch_size=Arg([c(0), c(2.5)], ("eval_batch_size",))),
+         same=lambda a, b: True, examples=20),
+    Case("das.interchange_accuracy",
+         lambda k, **kw: das.interchange_accuracy(k.model, kw.pop("site"), kw.pop("intervention"),
+                                                  kw.pop("pairs"), kw.pop("labels"), **kw),
+         lambda k: dict(site=DAS_SITE, intervention=trained(k), pairs=_das_pairs(k),
+                        labels=torch.tensor([1, 2, 3, 0])),
+         dict(intervention=Arg([c(das.RotatedSubspace(2)), c(3), c(pl.Zero())], ("intervention",)),
+              pairs=Arg([c("pairs"), lambda k: (k.x.float(), k.y.float())],
+                        ("pair", "base", "source", "image")),
+              labels=Arg([c(torch.tensor([0, 1])), c(torch.tensor([9, 0, 0, 0]))], ("label",)),
+              site=Arg([c(Site("resid_pre", layers=9)), c("resid_pre")], ("site", "layer")),
+              batch_size=Arg(BAD_COUNT, ("batch_size",), ints())),
+         same=lambda a, b: a == b, examples=10),
+]
+
+SAE_CASES = [
+    Case("HookedViT.add_sae", _add_sae, lambda k: dict(sae=sae64(k)),
+         dict(sae=Arg([c(torch.nn.Linear(3, 3)), c("sae"),
+                       c(S.SAE(24, 8, hook_name="blocks.1.hook_resid_post", dtype=torch.float64)),
+                       c(S.SAE(16, 8, dtype=torch.float64))], ("sae", "d_in", "hook")),
+              hook=Arg([c("blocks.1.hook_resid_pots"), c("blocks.1.attn.hook_pattern"), c(3),
+                        c("blocks.9.hook_resid_post")], ("hook",),
+                       st.just(c("blocks.1.hook_resid_post"))),
+              use_error_term=Arg([c("yes"), c(None), c(1)], ("use_error_term",))),
+         same=lambda a, b: torch.equal(a, b), examples=12),
+    Case("sae.load", lambda k, **kw: S.load(kw.pop("source"), **kw),
+         lambda k: dict(source=_sae_state(k), kind="relu"),
+         dict(source=Arg([c("no-such-sae"), c(3), c({}), c("/no/such/dir"),
+                          lambda k: _with(k, "W_dec", torch.full((24, 16), NAN, dtype=torch.float64)),
+                          lambda k: _with(k, "W_dec", torch.zeros(3, 3, dtype=torch.float64)),
+                          lambda k: _with(k, "junk", torch.zeros(1))],
+                         ("sae", "source", "path", "dict", "weight", "w_dec")),
+              dtype=Arg([c("float64"), c(3), c(torch.int64)], ("dtype",),
+                        st.just(c(torch.float64))),
+              kind=Arg([c("gated"), c(3)], ("kind",))),
+         same=lambda a, b: torch.equal(a.W_enc, b.W_enc) and torch.equal(a.b_dec, b.b_dec),
+         examples=12),
+    Case("sae.patch_features",
+         lambda k, **kw: S.patch_features(k.model, kw.pop("clean"), kw.pop("corrupted"),
+                                          kw.pop("metric"), progress=False, **kw),
+         lambda k: dict(clean=k.x, corrupted=k.y, metric=pl.metrics.logit(1), sae=sae64(k), top=2),
+         dict(clean=Arg(images(lambda k: k.x[:1]), IMAGE_WORDS + ("clean",)),
+              metric=Arg(BAD_METRIC[:6], ("metric",)),
+              sae=Arg([c(3), c(S.SAE(24, 8, hook_name="blocks.1.hook_resid_post",
+                                     dtype=torch.float64))], ("sae", "d_in")),
+              hook=Arg([c("foo"), c("blocks.9.hook_resid_post"), c(3)], ("hook",)),
+              top=Arg([c(1.5), c(-1), c(True), c("2")], ("top",)),
+              tokens=Arg([c("foo"), c(99), c(torch.tensor([1.7]))], ("token",)),
+              direction=Arg([c("bogus")], ("direction",)),
+              batch_size=Arg(BAD_COUNT, ("batch_size",), ints())),
+         same=lambda a, b: a.equals(b) or bool(
+             (a.select_dtypes("number") - b.select_dtypes("number")).abs().max().max() <= 1e-12),
+         examples=15),
+]
+
+ROTARY_CASES = [
+    Case("rotary: patch", lambda k, **kw: pl.patch(rotary(k), kw.pop("x"), kw.pop("pairs"), **kw),
+         lambda k: dict(x=k.x, pairs=[(Site("rot_q", layers=1, heads=0, tokens=[1, 2]),
+                                       pl.Interchange(k.y))]),
+         dict(x=Arg(images(lambda k: k.x[:0]), IMAGE_WORDS + ("x",)),
+              pairs=Arg(BAD_PAIRS + [c([(Site("rot_q", layers=0, heads=5), pl.Zero())]),
+                                     c([(Site("rot_k", layers=2), pl.Zero())])], PAIR_WORDS),
+              batch_size=Arg(BAD_COUNT, ("batch_size",), ints())),
+         model=rotary, examples=15),
+    Case("rotary: activation_patching",
+         lambda k, **kw: pl.activation_patching(rotary(k), kw.pop("clean"), kw.pop("corrupted"),
+                                                kw.pop("metric"), progress=False, **kw),
+         lambda k: dict(clean=k.x, corrupted=k.y, metric=pl.metrics.logit(1), site="rot_k",
+                        per="head", layers=[1]),
+         dict(clean=Arg(images(lambda k: k.x[:1]), IMAGE_WORDS + ("clean",)),
+              site=Arg([c("rot_qk"), c(""), c("blocks.9.attn.hook_rot_k")], ("site", "hook")),
+              heads=Arg([c([5]), c([0.5])], ("head",)),
+              batch_size=Arg(BAD_COUNT, ("batch_size",), ints())),
+         model=rotary, examples=12),
+    # model objects only (a name would be looked up online by from_hf / from_open_clip)
+    Case("rotary: loaders", lambda k, **kw: kw.pop("load")(kw.pop("source")),
+         lambda k: dict(load=pl.HookedViT.from_timm, source=timm_eva(k)),
+         dict(source=Arg([c(3), c("no_such_model_xyz"), c(torch.nn.Linear(2, 2)), timm_rope_mixed],
+                         ("timm", "model", "rotary")),
+              load=Arg([c(pl.HookedViT.from_hf), c(pl.HookedViT.from_open_clip)],
+                       ("from_hf", "from_open_clip", "model"))),
+         same=lambda a, b: True, examples=8),
 ]
 
 BAD_MAPS = [lambda k: k.maps * NAN, lambda k: k.maps[:, :1], lambda k: k.maps.repeat(2, 1, 1),
@@ -399,6 +628,9 @@ CASES += [
 ]
 
 
+CASES += CIRCUIT_CASES + DAS_CASES + SAE_CASES + ROTARY_CASES
+
+
 # ---- the property ------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -427,17 +659,19 @@ def ctx() -> Ctx:
 def _state(model, x):
     return ({k: v.clone() for k, v in model.state_dict().items()},
             {k: getattr(model.cfg, k) for k in ("use_attn_result", "use_split_qkv_input")},
-            model.training, model(x).detach())
+            model.training, model(x).detach(), sorted(model.hook_dict))
 
 
 def _check_untouched(model, x, before) -> None:
     assert not any(h.fwd_hooks or h.bwd_hooks or h._forward_hooks or h._backward_hooks
                    for h in model.hook_dict.values()), "stray hooks"
     assert all(p.grad is None for p in model.parameters()), ".grad left on a parameter"
-    params, flags, training, out = before
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad switched off"
+    params, flags, training, out, hooks = before
     now = _state(model, x)
     assert all(torch.equal(params[k], now[0][k]) for k in params), "parameters changed"
     assert now[1] == flags and now[2] == training, "config flags or mode changed"
+    assert now[4] == hooks and not model.acts_to_saes, "hook points added (a stray SAE splice)"
     assert torch.equal(now[3], out), "model outputs changed"
 
 
@@ -446,7 +680,8 @@ _REFERENCE: dict[str, Any] = {}
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_hostile_arguments(ctx, case):
-    before = _state(ctx.model, ctx.x)
+    model = case.model(ctx)
+    before = _state(model, ctx.x)
 
     @settings(max_examples=case.examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
@@ -471,7 +706,7 @@ def test_hostile_arguments(ctx, case):
                 _REFERENCE[case.name] = case.call(ctx, **case.good(ctx))
             assert case.same(out, _REFERENCE[case.name]), f"{case.name}({arg}={value!r})"
         finally:
-            _check_untouched(ctx.model, ctx.x, before)
+            _check_untouched(model, ctx.x, before)
 
     run()
 
@@ -482,3 +717,39 @@ def test_every_case_refuses_its_good_call_never(ctx):
         case.call(ctx, **case.good(ctx))
     assert math.isfinite(float(pl.activation_patching(
         ctx.model, ctx.x, ctx.y, pl.metrics.logit(0), per="layer").values.sum()))
+
+
+def test_named_refusals_of_the_merged_packages(ctx):
+    """The refusals the property test found in the later packages, one by one (each was accepted
+    or raised a raw Python error): a named argument in every message, nothing left behind."""
+    k, metric = ctx, pl.metrics.logit(1)
+    refused = [
+        (lambda: pl.activation_patching(k.model, k.x, k.y, metric, site=""), "site must be"),
+        (lambda: C.edge_scores(k.model, k.x, k.y, metric, memory_budget=0), "memory_budget"),
+        (lambda: C.evaluate(k.model, circuit(k), k.x, k.y, metric, memory_budget="0GB"),
+         "memory budget"),
+        (lambda: C.evaluate(k.model, circuit(k), k.x, k.y, metric, batch_size=2.5), "batch_size"),
+        (lambda: das.train_intervention(k.model, DAS_SITE, das.RotatedSubspace(2), _das_pairs(k),
+                                        torch.tensor([1, 2, 3, 0]), seed=1.5), "seed"),
+        (lambda: das.train_intervention(k.model, DAS_SITE, das.RotatedSubspace(2), _das_pairs(k),
+                                        torch.tensor([1, 2, 3, 0]), eval_batch_size=0),
+         "eval_batch_size"),
+        (lambda: das.interchange_accuracy(k.model, DAS_SITE, trained(k), _das_pairs(k),
+                                          torch.tensor([1, 2, 3, 0]), batch_size=2.5), "batch_size"),
+        (lambda: k.model.add_sae(sae64(k), use_error_term="yes"), "use_error_term"),
+        (lambda: k.model.add_sae(sae64(k), hook=3), "hook must be a hook name"),
+        (lambda: k.model.add_sae("sae"), "str lacks decode"),
+        (lambda: S.load(_sae_state(k), dtype="float64"), "dtype must be"),
+        # found in older cases once the draws changed
+        (lambda: pl.caap(k.model, k.x, blur_sigma="a"), "blur_sigma"),
+        (lambda: pl.Recipe(Site("resid_pre", layers=0)), "list of \\(Site, intervention\\)"),
+    ]
+    before = _state(k.model, k.x)
+    for call, match in refused:
+        with pytest.raises(PatchlensError, match=match):
+            call()
+        _check_untouched(k.model, k.x, before)
+    # the same calls with valid values run (float64 results)
+    assert S.load(_sae_state(k), dtype=torch.float64).W_enc.dtype == torch.float64
+    assert das.interchange_accuracy(k.model, DAS_SITE, trained(k), _das_pairs(k),
+                                    torch.tensor([1, 2, 3, 0]), batch_size=3) in (0, .25, .5, .75, 1)

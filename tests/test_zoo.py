@@ -215,7 +215,7 @@ hooked = pytest.importorskip("patchlens.model.hooked_vit")
     ],
 )
 def test_load_reproduces_recorded_subset_accuracy(name, mode):
-    from patchlens.zoo.train import EVAL_SEED, predict
+    from patchlens.zoo.train import EVAL_SEED, _normalise
 
     model = zoo.load(name)
     assert isinstance(model, hooked.HookedViT) and not model.training
@@ -225,8 +225,14 @@ def test_load_reproduces_recorded_subset_accuracy(name, mode):
     data = generate(
         rec["eval"]["n"], split="test", seed=EVAL_SEED, shortcut=None if mode == "clean" else mode
     )[:k]
-    pred = predict(model, data.images)
-    assert int((pred == data.labels).sum()) == ev["subset_correct"]
+    with torch.no_grad():
+        logits = model(_normalise(data.images))
+    correct = int((logits.argmax(-1) == data.labels).sum())
+    # the count was recorded on another CPU: exact, except that an image whose two top logits
+    # are within 1e-3 (float32 rounding of another CPU's kernels is ~1e-6) may flip
+    top2 = logits.topk(2, dim=-1).values
+    near_ties = int((top2[:, 0] - top2[:, 1] < 1e-3).sum())
+    assert abs(correct - ev["subset_correct"]) <= near_ties, (correct, near_ties)
     assert rec["eval"]["n"] == 2000 and k == 200
 
 

@@ -42,7 +42,7 @@ from patchlens.metrics import (
     recovery_denominator,
 )
 from patchlens.patching.checks import check_finite_metric
-from patchlens.patching.engine import CPU_MAX_ROWS, Variant, capture, run_variants
+from patchlens.patching.engine import CPU_MAX_ROWS, Variant, capture, parse_bytes, run_variants
 from patchlens.patching.interventions import PerVariant
 from patchlens.patching.sites import Site
 from patchlens.recipes.common import check_choice, check_pair
@@ -88,7 +88,7 @@ def edge_scores(
         of the effect ``m(patched) - m(target)`` (its estimate for EAP / EAP-IG).
     """
     graph = _validate(model, clean, corrupted, metric, method, graph, direction, ig_steps, ig,
-                      batch_size)
+                      batch_size, memory_budget)
     target, source = (clean, corrupted) if direction == "noising" else (corrupted, clean)
     engine = dict(batch_size=batch_size, memory_budget=memory_budget, progress=progress)
     base = base_metric(metric)
@@ -129,8 +129,18 @@ def check_baselines(metric, m_clean: Tensor, m_corrupted: Tensor) -> None:
         Recovery.check(m_clean, m_corrupted)
 
 
+def check_engine_args(batch_size: Any, memory_budget: Any) -> None:
+    """``batch_size`` (None or an int >= 1) and ``memory_budget`` (None or readable), checked up
+    front: some methods never reach the engine call that would check them."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    if memory_budget is not None:
+        parse_bytes(memory_budget)
+
+
 def _validate(model, clean, corrupted, metric, method, graph, direction, ig_steps, ig,
-              batch_size):
+              batch_size, memory_budget):
     check_pair(model, clean, corrupted)
     if not callable(metric):
         raise InputError(f"metric must be a function logits -> one value per image, got "
@@ -141,9 +151,7 @@ def _validate(model, clean, corrupted, metric, method, graph, direction, ig_step
     check_choice("ig", ig, ("inputs", "activations"))
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
         raise InputError(f"ig_steps must be an int >= 1, got {ig_steps!r}.")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
-        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    check_engine_args(batch_size, memory_budget)
     return check_graph(model, graph, clean)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from patchlens.circuits.ablate import ABLATIONS, ablated_values, circuit_metrics
-from patchlens.circuits.attribute import check_graph
+from patchlens.circuits.attribute import check_engine_args, check_graph
 from patchlens.circuits.circuit import Circuit
 from patchlens.circuits.scores import EdgeScores
 from patchlens.errors import InputError
@@ -81,6 +81,7 @@ def evaluate(model, circuit: Circuit, clean: Tensor, corrupted: Tensor,
     """
     _check_circuit(circuit)
     _validate(model, clean, corrupted, metric, ablation, diagnose)
+    check_engine_args(batch_size, memory_budget)
     graph = check_graph(model, circuit.graph, clean)
     m_clean, m_corrupted = baseline_metrics(model, clean, corrupted, metric)
     new, draws = ablated_values(model, graph, ablation, clean, corrupted, reference, seed,

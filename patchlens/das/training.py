@@ -163,6 +163,7 @@ def interchange_accuracy(model, site: Site, intervention: TrainableIntervention,
     """Interchange intervention accuracy: the share of pairs whose patched prediction (the
     argmax of the logits) equals the counterfactual label. ``pairs``: `CounterfactualPairs` or
     ``(base, source)`` with ``labels``."""
+    _check_number("batch_size", batch_size, 1, integer=True)
     base, source, labels, _ = _as_pairs(pairs, labels, None, "pairs")
     check_pairs(base, source, labels, n_classes=_n_outputs(model, base))
     if not isinstance(intervention, TrainableIntervention) or not intervention.built:
@@ -294,6 +295,9 @@ def train_intervention(
     _check_number("lr", lr, 0, strict=True)
     if patience is not None:
         _check_number("patience", patience, 1, integer=True)
+    _check_number("eval_batch_size", eval_batch_size, 1, integer=True)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an int, got {seed!r}.")
     base, source, labels, cf = _as_pairs(pairs, counterfactual_labels, counterfactuals, "pairs")
     if cl_weight > 0 and cf is None:
         raise InputError("cl_weight > 0 needs counterfactual inputs (counterfactuals=[N, C, H, W]): "

@@ -543,6 +543,8 @@ class HookedViT(WeightViews, HookedRootModule):
         activation (to rounding) unless a feature is patched. See `patchlens.model.splice`."""
         from patchlens.model.splice import assign_aliases, splice, splices
 
+        if not isinstance(use_error_term, bool):
+            raise InputError(f"use_error_term must be True or False, got {use_error_term!r}.")
         hook = self._sae_hook(sae, hook)
         splice(self, sae, hook, use_error_term)
         self._reset_sae_schema(assign_aliases, splices)
@@ -599,6 +601,14 @@ class HookedViT(WeightViews, HookedRootModule):
         return splices(self)
 
     def _sae_hook(self, sae: Any, hook: str | None) -> str:
+        for attr in ("encode", "decode", "W_dec", "b_dec"):
+            if not hasattr(sae, attr):
+                raise InputError(f"{type(sae).__name__} lacks {attr}: add_sae takes a sparse "
+                                 "autoencoder with encode, decode, W_dec and b_dec (see "
+                                 "patchlens.sae).")
+        if hook is not None and not isinstance(hook, str):
+            raise InputError(f"hook must be a hook name (e.g. 'blocks.3.hook_resid_post') or None "
+                             f"(the SAE's hook_name), got {hook!r}.")
         name = hook if hook is not None else getattr(sae, "hook_name", None)
         if name is None and getattr(sae, "cfg", None) is not None:  # SAELens objects
             meta = getattr(sae.cfg, "metadata", None)
@@ -606,11 +616,6 @@ class HookedViT(WeightViews, HookedRootModule):
         if not isinstance(name, str):
             raise InputError("Which hook? The SAE does not say (no hook_name): pass hook=, e.g. "
                              "model.add_sae(sae, hook='blocks.3.hook_resid_post').")
-        for attr in ("encode", "decode", "W_dec", "b_dec"):
-            if not hasattr(sae, attr):
-                raise InputError(f"{type(sae).__name__} lacks {attr}: add_sae takes a sparse "
-                                 "autoencoder with encode, decode, W_dec and b_dec (see "
-                                 "patchlens.sae).")
         self.check_hook_names([name])
         return name
 

@@ -139,8 +139,8 @@ def blur(cfg: ViTConfig, x: Tensor, kernel: int = 11, sigma: float = 5.0) -> Ten
 
     if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
         raise InputError(f"blur_kernel must be a positive odd int, got {kernel!r}.")
-    if not sigma > 0:
-        raise InputError(f"blur_sigma must be > 0, got {sigma!r}.")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
+        raise InputError(f"blur_sigma must be a number > 0, got {sigma!r}.")
     return from_pixels(cfg, gaussian_blur(to_pixels(cfg, x), [kernel, kernel], [float(sigma)] * 2))
 
 

@@ -43,6 +43,9 @@ class Recipe:
     """
 
     def __init__(self, pairs: Iterable[tuple[Site, Any]] = (), name: str = ""):
+        if isinstance(pairs, (Site, str)) or not isinstance(pairs, Iterable):
+            raise InputError(f"A recipe takes a list of (Site, intervention) pairs, got "
+                             f"{pairs!r}: write Recipe([(Site('resid_pre', layers=3), Zero())]).")
         pairs = list(pairs)
         for pair in pairs:
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], Site)):

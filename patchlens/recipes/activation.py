@@ -145,10 +145,11 @@ def _validate(model, clean, corrupted, site, per, direction, method, diagnose, r
     if regions is not None and per != "region":
         raise InputError(f"regions= is only used with per='region' (got per={per!r}); pass "
                          "per='region' to sweep over the regions.")
-    if site is not None and not isinstance(site, str):
-        raise InputError(f"site must be a hook name (short or full), got {site!r}.")
+    if site is not None and (not isinstance(site, str) or not site):
+        raise InputError(f"site must be a hook name (short or full; None for the default), got "
+                         f"{site!r}. `patchlens hooks MODEL` lists them.")
     default = {"head": "z", "head_token": "z", "feature": "sae_acts_post"}.get(per, "resid_pre")
-    return site or default
+    return default if site is None else site
 
 
 def _plan(model, site: str, per: str, layers, tokens, heads, regions, source, direction,

@@ -263,6 +263,13 @@ def from_state_dict(state: dict[str, Tensor], kind: str = "relu", k: int | None 
                   meta={"format": "state_dict"})
 
 
+def check_dtype(dtype: Any) -> None:
+    """``dtype`` is None or a ``torch.dtype`` of floating point (the SAE's weights)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InputError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, got "
+                         f"{dtype!r}.")
+
+
 def _build(state: dict[str, Tensor], kind: str, *, k, hook_name, apply_b_dec_to_input,
            normalize, rescale, dtype, device, meta) -> SAE:
     need = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if kind == "jumprelu" else [])
@@ -288,6 +295,7 @@ def _build(state: dict[str, Tensor], kind: str, *, k, hook_name, apply_b_dec_to_
     for name in need:
         if not torch.isfinite(state[name]).all():
             raise InputError(f"The SAE weight {name} contains NaN or infinite values.")
+    check_dtype(dtype)
     dt = dtype or w_enc.dtype
     sae = SAE(d_in, d_sae, kind, k=k, hook_name=hook_name,
               apply_b_dec_to_input=apply_b_dec_to_input, normalize=normalize,

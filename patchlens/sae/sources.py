@@ -13,6 +13,7 @@ from patchlens.sae.loaders import (
     PRISMA_CFG,
     SAELENS_CFG,
     SAELENS_WEIGHTS,
+    check_dtype,
     from_state_dict,
     load_prisma,
     load_saelens,
@@ -25,6 +26,7 @@ def load(source: Any, dtype: torch.dtype | None = None, device: Any = None, **kw
     """An SAE from a zoo name (``"clutter-digits-vit.resid_post.2"``, see `patchlens.sae.zoo`),
     a SAELens folder, a ViT-Prisma folder or ``.pt`` file, or a state dict (``kwargs`` go to
     `from_state_dict`: ``kind``, ``k``, ``hook_name``...)."""
+    check_dtype(dtype)
     if isinstance(source, dict):
         return from_state_dict(source, dtype=dtype, device=device, **kwargs)
     if kwargs:
