@@ -171,7 +171,7 @@ def patch(
 
     import patchlens as pl
     from patchlens.errors import UnknownHookError
-    from patchlens.report import Report
+    from patchlens.report import HtmlReport
 
     _check_files([clean, corrupted])
     if out:
@@ -193,7 +193,7 @@ def patch(
     typer.echo(repr(res))
     typer.echo(res.top(5).to_string(index=False))
     if out:
-        report = Report(f"activation patching: {clean.name} -> {corrupted.name}").figure(res.plot())
+        report = HtmlReport(f"activation patching: {clean.name} -> {corrupted.name}").figure(res.plot())
         typer.echo(f"report: {_save(report, out, plotlyjs)}")
 
 
@@ -227,7 +227,7 @@ def caap(
     plotlyjs: Annotated[PlotlyJS, typer.Option(help=PLOTLYJS_HELP)] = PlotlyJS.inline,
 ):
     import patchlens as pl
-    from patchlens.report import Report
+    from patchlens.report import HtmlReport
 
     _check_files(images)
     _check_out(out, force)
@@ -238,7 +238,7 @@ def caap(
         kwargs["layers"] = _layers(layers, m.cfg.n_layers)
     amap = _guard(pl.caap, m, x, **kwargs)
     typer.echo(caap_summary(amap, [p.name for p in images]))
-    report = Report("CAAP attribution")
+    report = HtmlReport("CAAP attribution")
     for i, p in enumerate(images):
         report.figure(amap.plot(i), p.name)
     typer.echo(f"report: {_save(report, out, plotlyjs)}")

@@ -48,7 +48,7 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
 
     import patchlens as pl
     from patchlens.errors import InputError
-    from patchlens.report import Report
+    from patchlens.report import HtmlReport
 
     if not isinstance(n_images, int) or isinstance(n_images, bool) or n_images < 1:
         raise InputError(f"n_images must be a positive int (the number of zoo images), got "
@@ -82,7 +82,7 @@ def run_demo(model_name: str = "clutter-digits-vit", images: Sequence[str] | Non
             clean_img, corrupt_img, labels, data = _pairs_from_zoo(model, n_images, seed)
         clean, corrupted = model.preprocess(clean_img), model.preprocess(corrupt_img)
         summary: dict[str, Any] = {"model": model_name, "n_images": clean.shape[0]}
-        report = Report(f"patchlens study: {model_name}")
+        report = HtmlReport(f"patchlens study: {model_name}")
         report.text(f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, patch "
                     f"grid {cfg.grid_size[0]}x{cfg.grid_size[1]}, prefix tokens "
                     f"{list(model.layout.prefix)}; {clean.shape[0]} images. Corrupted inputs: "

@@ -29,22 +29,22 @@ th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
 
 
 @dataclass
-class Report:
+class HtmlReport:
     """Collects sections and writes them as one HTML file (`save`)."""
 
     title: str
     parts: list[str] = field(default_factory=list)
     n_figures: int = 0
 
-    def heading(self, text: str, level: int = 2) -> Report:
+    def heading(self, text: str, level: int = 2) -> HtmlReport:
         self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
         return self
 
-    def text(self, text: str) -> Report:
+    def text(self, text: str) -> HtmlReport:
         self.parts.append(f"<p>{html.escape(text)}</p>")
         return self
 
-    def table(self, rows: Any, caption: str = "", floatfmt: str = "{:.3f}") -> Report:
+    def table(self, rows: Any, caption: str = "", floatfmt: str = "{:.3f}") -> HtmlReport:
         """A table from a pandas DataFrame or a list of dicts."""
         if hasattr(rows, "to_dict"):
             rows = rows.to_dict(orient="records")
@@ -67,7 +67,7 @@ class Report:
             self.parts.append(f'<div class="caption">{html.escape(caption)}</div>')
         return self
 
-    def figure(self, fig: Any, caption: str = "") -> Report:
+    def figure(self, fig: Any, caption: str = "") -> HtmlReport:
         """A plotly figure (rendered by the inlined plotly.js)."""
         self.n_figures += 1
         div = fig.to_html(full_html=False, include_plotlyjs=False,
@@ -77,7 +77,7 @@ class Report:
         return self
 
     def circuit(self, circuit: Any, evaluation: Any = None, curve: Any = None,
-                token_node: str | None = None, title: str = "Circuit", top: int = 15) -> Report:
+                token_node: str | None = None, title: str = "Circuit", top: int = 15) -> HtmlReport:
         """A circuit section: what was found, its faithfulness, the circuit figure, the token
         parts over the image (``token_node``, for graphs split by tokens), the faithfulness
         curves and a table of its strongest edges. Takes a `patchlens.circuits.Circuit`, its
@@ -143,3 +143,16 @@ def _plotlyjs_tag(mode: str) -> str:
     from patchlens.errors import InputError
 
     raise InputError(f"plotlyjs must be one of {PLOTLYJS}, got {mode!r}.")
+
+
+def __getattr__(name: str):
+    """``Report``: the name of `HtmlReport` before 0.2 (a `DeprecationWarning`; the divergence
+    result is `patchlens.diagnostics.DivergenceReport`)."""
+    if name == "Report":
+        import warnings
+
+        warnings.warn("patchlens.report.Report is now HtmlReport (the divergence result is "
+                      "DivergenceReport).", DeprecationWarning, stacklevel=2)
+        return HtmlReport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+

@@ -510,7 +510,7 @@ def test_known_circuit_is_found_by_every_method():
 
 def test_faithfulness_curve_and_report(model, pair):
     from patchlens.circuits import faithfulness_curve
-    from patchlens.report import Report
+    from patchlens.report import HtmlReport
 
     clean, corr = pair
     metric = pl.metrics.logit_diff(0, 3)
@@ -529,7 +529,7 @@ def test_faithfulness_curve_and_report(model, pair):
     assert len(curve.plot().data) == 3 and len(curve.to_pandas()) == 12
     with pytest.raises(InputError, match="ks must be"):
         faithfulness_curve(model, eap, clean, corr, metric, ks=[0, 5])
-    report = Report("circuits").circuit(Circuit.top_k(ig, 20), ev, curve)
+    report = HtmlReport("circuits").circuit(Circuit.top_k(ig, 20), ev, curve)
     html = report.to_html()
     assert html.count('class="plotly-graph-div"') == 2 and "Faithfulness" in html
 

@@ -349,8 +349,8 @@ def test_resume_refuses_another_model_recipe_or_dataset(tmp_path):
         dataset(_counting(calls), x, out, model=_tiny_model(1), **kw)
     with pytest.raises(InputError, match="another dataset"):
         dataset(_counting(calls), x + 1, out, model=_tiny_model(0), **kw)  # as many items
-    with pytest.raises(InputError, match="another recipe"):
-        dataset(_counting(calls), x, out, model=_tiny_model(0), recipe_args={"v": 2}, **kw)
+    with pytest.raises(InputError, match="another task"):
+        dataset(_counting(calls), x, out, model=_tiny_model(0), task_args={"v": 2}, **kw)
     assert calls == [] and _shard_bytes(out) == shards
     s = dataset(_counting(calls), x, out, model=_tiny_model(0), **kw)  # same weights: resumes
     assert (s.skipped_shards, s.computed_shards, calls) == (2, 0, [])
@@ -359,7 +359,7 @@ def test_resume_refuses_another_model_recipe_or_dataset(tmp_path):
     m = _tiny_model(0)
     caap = values(patchlens.caap, layers=(0, 2), progress=False)
     dataset(caap, x, tmp_path / "c", model=m, **kw)
-    with pytest.raises(InputError, match="another recipe or other recipe arguments"):
+    with pytest.raises(InputError, match="another task or other task arguments"):
         dataset(values(patchlens.caap, layers=(0, 1)), x, tmp_path / "c", model=m, **kw)
     dataset(values(patchlens.caap, layers=(0, 2)), x, tmp_path / "c", model=m, **kw)  # progress is neutral
     from PIL import Image
@@ -597,11 +597,11 @@ def test_run_imports_go_one_way():
 
 # ---- the worker run in a subprocess (and in-process for resumes) ---------------------------------
 def _run_worker_recipe(out, model_json, die_at, how="exit", die_rank=None):
-    from patchlens.run.cli import cli_recipe, zoo_data
+    from patchlens.run.cli import cli_task, zoo_data
     from patchlens.zoo.registry import load_from
 
     model = load_from(model_json)
-    inner = cli_recipe("caap", model, (0, 2), None)
+    inner = cli_task("caap", model, (0, 2), None)
 
     def recipe(model, batch):
         k = int(batch["index"][0]) // SHARD
@@ -611,10 +611,10 @@ def _run_worker_recipe(out, model_json, die_at, how="exit", die_rank=None):
             raise RuntimeError("boom")
         return inner(model, batch)
 
-    # the same recipe arguments whether this module runs as __main__ or under pytest
+    # the same task arguments whether this module runs as __main__ or under pytest
     return dataset(recipe, zoo_data(f"zoo:clutter-digits:{N}", model, False), out,
                    model=model, batch_size=BATCH, shard_size=SHARD, progress=False,
-                   recipe_name="caap", recipe_args=inner.run_spec, verbose=False)
+                   task_name="caap", task_args=inner.run_spec, verbose=False)
 
 
 def _hold(folder: str) -> None:

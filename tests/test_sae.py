@@ -882,13 +882,13 @@ def test_diagnose_reports_sae_columns():
 
 
 def test_report_section_ranks_features_by_attribution(tmp_path):
-    from patchlens.report import Report
+    from patchlens.report import HtmlReport
     from patchlens.sae.report import sae_section
 
     model = _model(torch.float32)
     sae = _sae(dtype=torch.float32)
     x = _x(4, seed=23, dtype=torch.float32)
-    rep = Report("t")
+    rep = HtmlReport("t")
     out = sae_section(rep, model, x, sae, n_features=1, n_table=5)
     # the ranking is gradient x activation by hand: SAE spliced with its error term, the logit of
     # each image's predicted class, summed over tokens, mean over images

@@ -8,6 +8,7 @@ import torch
 
 import patchlens as pl
 from patchlens import viz
+from patchlens.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,30 @@ def test_attribution_map_slider_title_follows_image_and_class(results):
 
 
 def test_report_tables_scroll_instead_of_overflowing():
-    from patchlens.report import Report
+    from patchlens.report import HtmlReport
 
-    html = Report("t").table([{"a" * 40: 1.0, "b": "x"}]).to_html()
+    html = HtmlReport("t").table([{"a" * 40: 1.0, "b": "x"}]).to_html()
     assert 'class="table-wrap"' in html and "overflow-x: auto" in html
+
+
+def test_old_names_warn_and_still_work(tmp_path):
+    """Names that collided before 0.2: the HTML `Report` (now `HtmlReport`, beside
+    `DivergenceReport`) and a dataset run's `recipe_name` / `recipe_args` (now `task_name` /
+    `task_args`: a `Recipe` composes interventions)."""
+    import patchlens.report as report_module
+    from patchlens.run import dataset, load_results
+
+    with pytest.warns(DeprecationWarning, match="HtmlReport"):
+        old = report_module.Report
+    assert old is report_module.HtmlReport
+
+    def task(model, batch):
+        return {"double": batch["images"].flatten(1)[:, :2] * 2}
+
+    x = torch.arange(24.0).reshape(3, 2, 2, 2)
+    with pytest.warns(DeprecationWarning, match="task_name"):
+        dataset(task, x, tmp_path / "run", recipe_name="doubling", progress=False,
+                verbose=False)
+    assert torch.equal(load_results(tmp_path / "run")["double"], x.flatten(1)[:, :2] * 2)
+    with pytest.raises(InputError, match="unexpected keyword"):
+        dataset(task, x, tmp_path / "run2", recipe_nmae="x", progress=False, verbose=False)

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # 08 · Dataset-scale runs: sharded, resumable sweeps
 #
-# `patchlens.run.dataset` maps a recipe over a dataset and writes the results to disk shard by
+# `patchlens.run.dataset` maps a task (a function of a batch) over a dataset and writes the results to disk shard by
 # shard; a re-run skips the shards that are finished. The same call runs under `accelerate
 # launch` / `torchrun` on several processes or machines (see docs/scaling.md). Here: one
 # process, CAAP maps for 24 clutter-digits images in shards of 8.
@@ -20,8 +20,8 @@ model = pl.HookedViT.from_pretrained("clutter-digits-vit")
 data = generate(24, split="test", seed=5)
 images = model.preprocess(data.images)
 out = Path(tempfile.mkdtemp()) / "caap"
-recipe = run.values(pl.caap, layers=(2, 6), progress=False)
-summary = run.dataset(recipe, images, out, model=model, batch_size=8, shard_size=8,
+task = run.values(pl.caap, layers=(2, 6), progress=False)
+summary = run.dataset(task, images, out, model=model, batch_size=8, shard_size=8,
                       progress=False)
 summary
 
@@ -35,16 +35,16 @@ print("maps:", tuple(maps.shape))
 # (or truncate it) and only that shard is recomputed, with identical results.
 
 # %%
-again = run.dataset(recipe, images, out, model=model, batch_size=8, shard_size=8, progress=False)
+again = run.dataset(task, images, out, model=model, batch_size=8, shard_size=8, progress=False)
 
 (out / "shards" / "000001.safetensors").write_bytes(b"truncated")
-repaired = run.dataset(recipe, images, out, model=model, batch_size=8, shard_size=8,
+repaired = run.dataset(task, images, out, model=model, batch_size=8, shard_size=8,
                        progress=False)
 
 print("identical after repair:", torch.equal(run.load_results(out)["values"], maps))
 
 # %% [markdown]
-# `run.json` records what the results depend on: a fingerprint of the model, the recipe with its
+# `run.json` records what the results depend on: a fingerprint of the model, the task with its
 # arguments and the dataset, and the environment that bitwise reproducibility needs (torch
 # version, device, dtype, threads, attention backend, batch size). Resuming with another
 # fingerprint is refused before anything is computed; another environment only warns.

@@ -1,4 +1,4 @@
-"""Dataset-scale runs: map a recipe over many images into resumable, checksummed shards, on one
+"""Dataset-scale runs: map a task over many images into resumable, checksummed shards, on one
 process or many (``accelerate launch``). See docs/scaling.md.
 
     >>> from patchlens import run
@@ -7,7 +7,7 @@ process or many (``accelerate launch``). See docs/scaling.md.
 
 Modules, each importing only those above it: `shards` (file format), `fingerprint` (what a
 run's results depend on), `lock` (one writer per directory), `launch` (process glue),
-`inputs` (items, batches, models by name), `adapters` (recipe functions from methods),
+`inputs` (items, batches, models by name), `adapters` (task functions from methods),
 `progress`, `dataset` (the runner) and `cli` (the ``patchlens run`` command).
 """
 

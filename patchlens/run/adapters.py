@@ -1,4 +1,4 @@
-"""Recipe adapters: turn methods that return an `AttributionMap` or a `PatchResult` into recipe
+"""Task adapters: turn methods that return an `AttributionMap` or a `PatchResult` into task
 functions ``(model, batch) -> dict[str, Tensor]`` whose tensors are batch-first (one row per
 item), the layout of every shard."""
 
@@ -12,7 +12,7 @@ from torch import Tensor
 from patchlens.errors import InputError
 from patchlens.run.fingerprint import adapter_spec, qualname
 
-RecipeFn = Callable[[Any, dict[str, Any]], dict[str, Tensor]]
+TaskFn = Callable[[Any, dict[str, Any]], dict[str, Tensor]]
 
 
 class per_batch:  # noqa: N801  (reads as a marker in keyword arguments)
@@ -43,12 +43,12 @@ def _check_method(fn: Any) -> None:
         raise InputError(f"Expected a method to adapt (caap, activation_patching, ...), got {fn!r}.")
 
 
-def values(fn: Callable[..., Any], *, key: str = "values", **kwargs: Any) -> RecipeFn:
-    """Adapt an `AttributionMap`-returning method (``caap``, baselines) to a recipe function:
+def values(fn: Callable[..., Any], *, key: str = "values", **kwargs: Any) -> TaskFn:
+    """Adapt an `AttributionMap`-returning method (``caap``, baselines) to a task function:
     ``fn(model, images, **kwargs)`` -> ``{key: map.values [B, gh, gw], "target": [B]}``."""
     _check_method(fn)
 
-    def recipe(model, batch):
+    def task(model, batch):
         amap = fn(model, *_inputs(batch), **_kwargs(kwargs, batch))
         out = {key: amap.values}
         target = getattr(amap, "target", None)
@@ -56,19 +56,19 @@ def values(fn: Callable[..., Any], *, key: str = "values", **kwargs: Any) -> Rec
             out["target"] = target
         return out
 
-    recipe.__name__ = getattr(fn, "__name__", "recipe")
-    recipe.run_spec = {"adapter": "values", "key": key, **adapter_spec(fn, kwargs)}
-    return recipe
+    task.__name__ = getattr(fn, "__name__", "task")
+    task.run_spec = {"adapter": "values", "key": key, **adapter_spec(fn, kwargs)}
+    return task
 
 
-def per_example(fn: Callable[..., Any], *, key: str = "per_example", **kwargs: Any) -> RecipeFn:
+def per_example(fn: Callable[..., Any], *, key: str = "per_example", **kwargs: Any) -> TaskFn:
     """Adapt a `PatchResult`-returning sweep (``activation_patching``, ``path_patching``):
     ``fn(model, clean, corrupted, **kwargs)`` -> ``{key: per_example [B, *axes] (the patched
     metric), "baseline": [B] (the unpatched target run's), "clean": [B], "corrupted": [B]}``;
     effects are ``per_example - baseline``. Batch first, like `PatchResult.per_example`."""
     _check_method(fn)
 
-    def recipe(model, batch):
+    def task(model, batch):
         res = fn(model, *_inputs(batch), **_kwargs(kwargs, batch))
         if res.per_example is None:
             raise InputError(f"{getattr(fn, '__name__', fn)} returned no per_example values.")
@@ -79,6 +79,6 @@ def per_example(fn: Callable[..., Any], *, key: str = "per_example", **kwargs: A
                 out[name] = v
         return out
 
-    recipe.__name__ = getattr(fn, "__name__", "recipe")
-    recipe.run_spec = {"adapter": "per_example", "key": key, **adapter_spec(fn, kwargs)}
-    return recipe
+    task.__name__ = getattr(fn, "__name__", "task")
+    task.run_spec = {"adapter": "per_example", "key": key, **adapter_spec(fn, kwargs)}
+    return task

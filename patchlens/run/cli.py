@@ -1,5 +1,5 @@
 """The ``patchlens run`` command (also ``python -m patchlens.run``, which launchers start): its
-options, its three recipes and its data sources. Imports the runner; nothing in
+options, its three tasks and its data sources. Imports the runner; nothing in
 `patchlens.run` imports this module except ``__main__`` and the package's ``cli_main``."""
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ SPLITS = ("train", "test")
 ZOO_DATA = "zoo:clutter-digits:N[:SPLIT[:SEED]]"
 
 
-class RecipeName(str, Enum):
+class TaskName(str, Enum):
     caap = "caap"
     activation = "activation"
     logits = "logits"
 
 
-RECIPES = tuple(r.value for r in RecipeName)
+TASKS = tuple(r.value for r in TaskName)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def file_data(spec: str, corrupted: str | None, pairs: bool) -> list:
     if not pairs:
         return files
     if corrupted is None:
-        raise InputError("the activation recipe on image files needs --corrupted DIR (paired "
+        raise InputError("the activation task on image files needs --corrupted DIR (paired "
                          "with DATA in sorted order)")
     other = image_paths(corrupted)
     if len(other) != len(files):
@@ -100,7 +100,7 @@ def file_data(spec: str, corrupted: str | None, pairs: bool) -> list:
     return list(zip(files, other))
 
 
-# ---- recipes ------------------------------------------------------------------------------------
+# ---- tasks ----------------------------------------------------------------------------------------
 def parse_layers(spec: str | None, n: int) -> tuple[int, int] | None:
     """``"a:b"`` (either side may be empty: 0 and ``n``) -> ``(a, b)``."""
     if spec is None:
@@ -112,8 +112,8 @@ def parse_layers(spec: str | None, n: int) -> tuple[int, int] | None:
     return a, b
 
 
-def cli_recipe(name: str, model, layers: tuple[int, int] | None, site: str | None):
-    """The recipe function of ``patchlens run NAME``."""
+def cli_task(name: str, model, layers: tuple[int, int] | None, site: str | None):
+    """The task function of ``patchlens run NAME``."""
     from patchlens import metrics
 
     if name == "caap":
@@ -139,7 +139,7 @@ def cli_recipe(name: str, model, layers: tuple[int, int] | None, site: str | Non
             kw["site"] = site
         return per_example(activation_patching, **kw)
     if name != "logits":
-        raise InputError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
+        raise InputError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}.")
 
     def logits(model, batch):
         return {"logits": model(batch["images"])}
@@ -148,7 +148,7 @@ def cli_recipe(name: str, model, layers: tuple[int, int] | None, site: str | Non
 
 
 # ---- the command --------------------------------------------------------------------------------
-HELP = ("Map a recipe over a dataset into resumable, checksummed shards (see docs/scaling.md). "
+HELP = ("Map a task over a dataset into resumable, checksummed shards (see docs/scaling.md). "
         "Launch with `accelerate launch -m patchlens.run ...` or `torchrun -m patchlens.run ...` "
         "for several processes; a re-run of the same command resumes.")
 
@@ -158,13 +158,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def run_command(
-    recipe: Annotated[RecipeName, typer.Argument(show_default=False, help="caap: attribution maps ('values'); activation: per-item layer x token effects of patching clean resid_pre into the corrupted run; logits: a plain forward.")],
+    task: Annotated[TaskName, typer.Argument(show_default=False, help="caap: attribution maps ('values'); activation: per-item layer x token effects of patching clean resid_pre into the corrupted run; logits: a plain forward.")],
     data: Annotated[str, typer.Argument(show_default=False, help="A directory or glob of images, or generated zoo images: zoo:clutter-digits:N, optionally followed by :SPLIT (train or test, default test) and :SEED (default 0), e.g. zoo:clutter-digits:100:test:3.")],
     out: Annotated[Path, typer.Option("--out", show_default=False, help="Run directory: created, or resumed if it holds the same run.")],
     model: Annotated[str, typer.Option("--model", help="A zoo, timm or Hugging Face model name, or a zoo-format record .json (next to its .safetensors).")] = "clutter-digits-vit",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Items per forward batch (part of what makes shards bitwise reproducible).")] = 16,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Items per shard file; fixed for the life of a run directory.")] = 256,
-    layers: Annotated[str | None, typer.Option("--layers", show_default=False, help="Layers a:b (either side may be empty), the CAAP window [a, b) or the layers the activation recipe patches. Default: the method's default.")] = None,
+    layers: Annotated[str | None, typer.Option("--layers", show_default=False, help="Layers a:b (either side may be empty), the CAAP window [a, b) or the layers the activation task patches. Default: the method's default.")] = None,
     corrupted: Annotated[str | None, typer.Option("--corrupted", show_default=False, help="activation on image files: a directory or glob of corrupted images, paired with DATA in sorted order (zoo data: the images of SEED+1).")] = None,
     site: Annotated[str | None, typer.Option("--site", show_default=False, help="Hook site short name (default resid_pre); `patchlens hooks` lists the hook points.")] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Delete the finished shards and recompute everything.")] = False,
@@ -180,7 +180,7 @@ def run_command(
             warnings.showwarning = _show_warning
             state = get_state(cpu=True if cpu else None)
             m = load_model(model)
-            pairs = recipe == RecipeName.activation
+            pairs = task == TaskName.activation
             if data.startswith("zoo:"):
                 items = zoo_data(data, m, pairs)
                 n, split, seed = parse_zoo_data(data)
@@ -188,10 +188,10 @@ def run_command(
                            "pairs": pairs}
             else:
                 items, data_id = file_data(data, corrupted, pairs), None
-            fn = cli_recipe(recipe.value, m, parse_layers(layers, m.cfg.n_layers), site)
+            fn = cli_task(task.value, m, parse_layers(layers, m.cfg.n_layers), site)
             dataset(fn, items, out, model=m, batch_size=batch_size, shard_size=shard_size,
                     resume=not no_resume, progress=False if no_progress else None,
-                    verify=not no_verify, recipe_name=recipe.value, data_id=data_id,
+                    verify=not no_verify, task_name=task.value, data_id=data_id,
                     state=state)
     except Exception as e:
         msg = user_error(e, out)

@@ -1,4 +1,4 @@
-"""`dataset`: map a recipe over a dataset into resumable shards, on one or many processes.
+"""`dataset`: map a task over a dataset into resumable shards, on one or many processes.
 
 Items are assigned to shards by position only (shard ``k`` = items ``[k*S, (k+1)*S)``) and each
 shard is computed in the same batches (``batch_size`` items from the shard's start), so the
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from patchlens.errors import InputError
 from patchlens.run import shards as S
-from patchlens.run.adapters import RecipeFn
+from patchlens.run.adapters import TaskFn
 from patchlens.run.fingerprint import (
     RunEnvironmentWarning,
     check_fingerprint,
@@ -29,7 +29,7 @@ from patchlens.run.fingerprint import (
     environment_changes,
     fingerprint,
     model_dtype,
-    recipe_identity,
+    task_identity,
 )
 from patchlens.run.inputs import as_items, collate, load_model
 from patchlens.run.launch import all_reduce, barrier, get_state, watch_launcher
@@ -75,7 +75,7 @@ def _resolve_model(model: Any, device) -> Any:
 
 def _check_output(out: Any, n: int, k: int) -> dict[str, Tensor]:
     if not isinstance(out, dict) or not out:
-        raise InputError(f"A recipe function must return a non-empty dict[str, Tensor] with a "
+        raise InputError(f"A task function must return a non-empty dict[str, Tensor] with a "
                          f"leading batch axis; got {type(out).__name__} (shard {k}). Wrap "
                          "PatchResult / AttributionMap methods with per_example() / values().")
     res = {}
@@ -96,8 +96,24 @@ def _check_int(name: str, v: Any) -> int:
     return v
 
 
+def _renamed(old: dict[str, Any], task_name, task_args) -> tuple[Any, Any]:
+    """``recipe_name`` / ``recipe_args`` (before 0.2) as ``task_name`` / ``task_args``."""
+    unknown = sorted(set(old) - {"recipe_name", "recipe_args"})
+    if unknown:
+        raise InputError(f"dataset() got unexpected keyword argument(s) {unknown}.")
+    for key, value in old.items():
+        new = key.replace("recipe_", "task_")
+        warnings.warn(f"dataset({key}=...) is now {new}=... (a dataset run maps a task function; "
+                      "'recipe' names a patchlens.Recipe).", DeprecationWarning, stacklevel=3)
+        if new == "task_name":
+            task_name = value if task_name is None else task_name
+        else:
+            task_args = value if task_args is None else task_args
+    return task_name, task_args
+
+
 def dataset(
-    recipe_fn: RecipeFn,
+    task: TaskFn,
     dataset: Any,
     out_dir: str | Path,
     *,
@@ -108,16 +124,19 @@ def dataset(
     progress: bool | None = None,
     verify: bool = True,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    recipe_name: str | None = None,
-    recipe_args: Any = None,
+    task_name: str | None = None,
+    task_args: Any = None,
     data_id: Any = None,
     verbose: bool = True,
     state: Any = None,
+    **deprecated: Any,
 ) -> RunSummary:
-    """Map ``recipe_fn(model, batch) -> dict[str, Tensor]`` over ``dataset`` into shards.
+    """Map a task function ``task(model, batch) -> dict[str, Tensor]`` over ``dataset`` into
+    shards. (A *task* is any per-batch function; a `patchlens.Recipe` is something else: a
+    composition of interventions.)
 
     Args:
-        recipe_fn: returns per-item tensors with a leading batch axis; wrap methods returning
+        task: returns per-item tensors with a leading batch axis; wrap methods returning
             an `AttributionMap` / `PatchResult` with `values` / `per_example`. The batch is a
             dict: ``images`` (or ``clean`` / ``corrupted`` for pairs), ``labels`` and other
             fields of the items, and ``index`` (item ids).
@@ -130,15 +149,17 @@ def dataset(
             process's device.
         resume: skip shards already finished (checksum verified when ``verify``); False
             deletes them and recomputes everything. Resuming refuses (`InputError`, before
-            computing anything) a directory written with another model, recipe, recipe
+            computing anything) a directory written with another model, task, task
             arguments or dataset, and warns (`RunEnvironmentWarning`) when the environment
             that bitwise reproducibility depends on differs (see `fingerprint.environment`).
         progress: one tqdm bar on the main process (None: when stderr is a terminal).
         transform: ``batch -> batch`` applied after collation (e.g. normalisation).
-        recipe_name: recorded in the manifest (default: the function's name).
-        recipe_args: what identifies the recipe's arguments in the fingerprint (default: what
+        task_name: recorded in the manifest (default: the function's name).
+        task_args: what identifies the task's arguments in the fingerprint (default: what
             `values` / `per_example` record, else the function's qualified name). Pass it for
-            your own recipe functions whose behaviour depends on closure variables.
+            your own task functions whose behaviour depends on closure variables.
+        **deprecated: ``recipe_name`` / ``recipe_args``, the names of ``task_name`` /
+            ``task_args`` before 0.2 (accepted with a `DeprecationWarning`).
         data_id: identity of the dataset in the fingerprint (default: computed from the
             items; see `fingerprint.data_identity`).
         verbose: print the final summary on the main process.
@@ -154,8 +175,9 @@ def dataset(
     """
     batch_size = _check_int("batch_size", batch_size)
     shard_size = _check_int("shard_size", shard_size)
-    if not callable(recipe_fn):
-        raise InputError(f"recipe_fn must be callable (model, batch) -> dict; got {recipe_fn!r}.")
+    task_name, task_args = _renamed(deprecated, task_name, task_args)
+    if not callable(task):
+        raise InputError(f"task must be callable (model, batch) -> dict; got {task!r}.")
     out = S.check_out_dir(out_dir)
     items = as_items(dataset)
     n = len(items)
@@ -163,15 +185,15 @@ def dataset(
         raise InputError("The dataset is empty: nothing to run.")
     state = state if state is not None else get_state()
     watch_launcher()
-    name = recipe_name or getattr(recipe_fn, "__name__", type(recipe_fn).__name__)
+    name = task_name or getattr(task, "__name__", type(task).__name__)
     model = _resolve_model(model, state.device)
-    fp = fingerprint(model, recipe_identity(name, recipe_fn, recipe_args), items, data_id)
+    fp = fingerprint(model, task_identity(name, task, task_args), items, data_id)
     env = environment(state.device, model_dtype(model), batch_size)
 
     lock = RunLock(out) if state.is_main_process else None
     try:
         _lock_all(state, lock, out)
-        return _run(recipe_fn, items, out, model, state, name=name, fp=fp, env=env,
+        return _run(task, items, out, model, state, name=name, fp=fp, env=env,
                     batch_size=batch_size, shard_size=shard_size, resume=resume,
                     progress=progress, verify=verify, transform=transform, verbose=verbose)
     finally:
@@ -194,7 +216,7 @@ def _lock_all(state, lock: RunLock | None, out: Path) -> None:
                                 "error); nothing was computed.")
 
 
-def _run(recipe_fn, items, out: Path, model, state, *, name: str, fp: dict, env: dict,
+def _run(task, items, out: Path, model, state, *, name: str, fp: dict, env: dict,
          batch_size: int, shard_size: int, resume: bool, progress: bool | None, verify: bool,
          transform, verbose: bool) -> RunSummary:
     """Check the manifest, plan this process's shards, compute them, write the index."""
@@ -251,10 +273,10 @@ def _run(recipe_fn, items, out: Path, model, state, *, name: str, fp: dict, env:
                     batch = collate([items[i] for i in idx], idx, model, state.device)
                     if transform is not None:
                         batch = transform(batch)
-                    parts.append(_check_output(recipe_fn(model, batch), len(idx), k))
+                    parts.append(_check_output(task(model, batch), len(idx), k))
                     bar.inflight = b0 + len(idx) - start
                 if any(set(p) != set(parts[0]) for p in parts):
-                    raise InputError(f"The recipe returned different keys for batches of shard {k}.")
+                    raise InputError(f"The task returned different keys for batches of shard {k}.")
                 tensors = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
                 tensors[S.ITEM_KEY] = torch.arange(start, stop)
                 S.write_shard(out, k, start, stop, tensors, {

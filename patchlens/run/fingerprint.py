@@ -2,7 +2,7 @@
 
 Two records:
 
-- the *fingerprint* (model weights and config, recipe and its arguments, dataset identity):
+- the *fingerprint* (model weights and config, task and its arguments, dataset identity):
   resuming with another one would mix two runs' results, so `check_fingerprint` refuses it;
 - the *environment* (torch version, device, dtype, thread count, attention backend, batch
   size): shards are bitwise identical across process counts and resumes only when these are the
@@ -161,31 +161,31 @@ def data_identity(items: Any) -> dict[str, Any]:
             "sample": {str(i): digest(items[i]) for i in sample}}
 
 
-def recipe_identity(name: str, recipe_fn: Callable, recipe_args: Any = None) -> dict[str, Any]:
-    """``{"name", "args"}``: ``recipe_args`` when given, else what an adapter recorded about
+def task_identity(name: str, task: Callable, task_args: Any = None) -> dict[str, Any]:
+    """``{"name", "args"}``: ``task_args`` when given, else what an adapter recorded about
     itself (`values` / `per_example`: the method and its keyword arguments), else the
     function's qualified name."""
-    if recipe_args is None:
-        recipe_args = getattr(recipe_fn, "run_spec", None) or qualname(recipe_fn)
-    return {"name": name, "args": describe(recipe_args)}
+    if task_args is None:
+        task_args = getattr(task, "run_spec", None) or qualname(task)
+    return {"name": name, "args": describe(task_args)}
 
 
-def fingerprint(model: Any, recipe: dict[str, Any], items: Any,
+def fingerprint(model: Any, task: dict[str, Any], items: Any,
                 data_id: Any = None) -> dict[str, Any]:
-    """The fingerprint stored in ``run.json``: model, recipe, data (``data_id`` overrides the
+    """The fingerprint stored in ``run.json``: model, task, data (``data_id`` overrides the
     computed dataset identity, e.g. the spec of generated data)."""
-    return {"model": model_identity(model), "recipe": recipe,
+    return {"model": model_identity(model), "recipe": task,
             "data": describe(data_id) if data_id is not None else data_identity(items)}
 
 
 _WHAT = {"model": "another model (weights or config)",
-         "recipe": "another recipe or other recipe arguments",
+         "recipe": "another task or other task arguments",
          "data": "another dataset (other items, even if as many)"}
 
 
 def check_fingerprint(stored: dict[str, Any], current: dict[str, Any], out_dir: Any) -> None:
-    """`InputError` when resuming ``out_dir`` with another model, recipe or dataset."""
-    diff = [k for k in ("model", "recipe", "data") if stored.get(k) != current.get(k)]
+    """`InputError` when resuming ``out_dir`` with another model, task or dataset."""
+    diff = [k for k in ("model", "task", "data") if stored.get(k) != current.get(k)]
     if not diff:
         return
     what = "; ".join(f"{_WHAT[k]} ({', '.join(differences(stored.get(k), current.get(k), k))})"

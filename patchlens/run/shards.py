@@ -2,8 +2,8 @@
 
 Layout of ``out_dir``::
 
-    run.json                  manifest: format, n_items, shard_size, n_shards, recipe, created,
-                              fingerprint (model, recipe, data) and environment
+    run.json                  manifest: format, n_items, shard_size, n_shards, task, created,
+                              fingerprint (model, task, data) and environment
     run.lock                  held by the writing process (see `patchlens.run.lock`)
     shards/000000.safetensors tensors of items [0, S): every key has a leading item axis
     shards/000000.json        sidecar record: shard, start, stop, sha256, bytes, rank, created, keys
@@ -180,10 +180,10 @@ def check_manifest(m: dict, out_dir: str | Path, n_items: int, shard_size: int) 
         )
 
 
-def make_manifest(n_items: int, shard_size: int, recipe: str, fingerprint: dict,
+def make_manifest(n_items: int, shard_size: int, task: str, fingerprint: dict,
                   environment: dict, extra: dict | None = None) -> dict:
     return {"format": FORMAT, "n_items": n_items, "shard_size": shard_size,
-            "n_shards": n_shards(n_items, shard_size), "recipe": recipe, "created": now(),
+            "n_shards": n_shards(n_items, shard_size), "recipe": task, "created": now(),
             "fingerprint": fingerprint, "environment": environment, **(extra or {})}
 
 

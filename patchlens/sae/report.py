@@ -1,4 +1,4 @@
-"""The SAE section of the HTML report (`patchlens.report.Report`): the SAE's quality figures,
+"""The SAE section of the HTML report (`patchlens.report.HtmlReport`): the SAE's quality figures,
 the features that most support the model's predictions, and a view of the top ones."""
 
 from __future__ import annotations
