@@ -172,7 +172,7 @@ The evaluation set of both models is `generate({ce['n']}, split="test", seed={ce
 | test set | accuracy |
 |---|---|
 | clean (no marker) | **{pct(ce['clean']['accuracy'])}** |
-| first {ce['clean']['subset_n']} images of that set, `generate({ce['n']}, ...)[:{ce['clean']['subset_n']}]` (checked exactly by the tests) | {ce['clean']['subset_correct']} / {ce['clean']['subset_n']} |
+| first {ce['clean']['subset_n']} images of that set, `generate({ce['n']}, ...)[:{ce['clean']['subset_n']}]` (checked by the tests: exactly, except that an image whose two top logits are within 1e-3 may flip on another CPU) | {ce['clean']['subset_correct']} / {ce['clean']['subset_n']} |
 
 {status(c)}
 
