@@ -127,7 +127,8 @@ def _record(monkeypatch, module, name: str, calls: list | None = None) -> list:
     return calls
 
 
-@pytest.mark.parametrize("key", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224",
+@pytest.mark.parametrize("key", ["vit_small_patch16_dinov3", "vit_small_patch16_dinov3_qkvb",
+                                 "eva02_tiny_patch14_224@dynamic",
                                  "vit_pe_core_tiny_patch16_384@dynamic"])
 def test_rot_hooks_equal_the_sources_rotated_q_and_k(key, monkeypatch):
     import timm.layers.attention as timm_attention

@@ -12,7 +12,8 @@ from test_caap import naive_caap
 from test_path_patching import naive_path_patching
 
 import patchlens as pl
-from patchlens.diagnostics import Reference
+from patchlens.diagnostics import Reference, diagnose
+from patchlens.patching import Add, Interchange, Site, Variant
 from patchlens.recipes.path import Node, path_patching
 
 MODELS = {
@@ -141,12 +142,31 @@ def test_caap_on_a_rotary_model_equals_naive(model, pair):
     assert expected.abs().max() > 1e-6
 
 
-def test_divergence_diagnostics_on_a_rotary_model(pair):
-    model = make("dinov3")
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_divergence_diagnostics_on_a_rotary_model(kind, pair):
+    """The reference keeps the register tokens apart; an identity patch is natural, a large
+    steer of the patches is divergent (every vector an outlier); a sweep gets verdicts."""
+    model = make(kind)
     images = torch.randn(24, 3, 64, 64, generator=torch.Generator().manual_seed(3),
                          dtype=torch.float64)
     ref = Reference.fit(model, images, ["resid_pre"], max_samples=400, batch_size=12,
                         progress=False)
+    classes = {"cls", "patches"} | ({"registers"} if model.cfg.n_registers else set())
+    assert set(ref.stats["blocks.1.hook_resid_pre"]) == classes
+    assert len(ref.neurons) == model.cfg.n_layers  # the MLP's hook_post (gated for EVA02)
+    steer = 50 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(2),
+                             dtype=torch.float64)
+    x = images[:4]
+    v = [Variant([(Site("resid_pre", layers=1), Interchange(x))], "identity"),
+         Variant([(Site("resid_pre", layers=1, tokens="patches"), Add(steer))], "steer")]
+    rep = diagnose(model, x, v, ref, ot=False)
+    rows = {(r["label"], r["class"]): r for r in rep.rows}
+    assert rows[("identity", "patches")]["verdict"] == "natural"
+    # 24 images are too few for the class token / registers: said, not guessed
+    assert {rows[("identity", c)]["verdict"] for c in classes - {"patches"}} == {
+        "insufficient-reference"}
+    assert rows[("steer", "patches")]["verdict"].startswith("divergent")
+    assert rows[("steer", "patches")]["outlier_rate"] == 1.0
     clean, corr = pair
     res = pl.activation_patching(model, clean, corr, pl.metrics.logit(0), layers=[1],
                                  tokens=[0, 6], diagnose=ref, progress=False)
