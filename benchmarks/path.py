@@ -52,13 +52,13 @@ def naive(model, clean, corrupted, metric) -> torch.Tensor:
 
                 kept = {}
 
-                def keep(act, hook):
+                def keep(act, hook, kept=kept):
                     kept["resid"] = act.clone()
 
                 model.run_with_hooks(clean, fwd_hooks=[(name, freeze) for name in frozen]
                                      + [(final, keep)])
 
-                def receive(act, hook):
+                def receive(act, hook, kept=kept):
                     return kept["resid"]
 
                 logits = model.run_with_hooks(clean, fwd_hooks=[(final, receive)])
