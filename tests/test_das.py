@@ -356,7 +356,7 @@ def test_save_load_sweep_and_dataset_run(toy, tmp_path):
     swept = recipe.sweep(model, test.base, metric, layers=[0, 1], tokens=["patches", "cls"],
                          progress=False)
     assert swept.values.shape == (2, 2)
-    assert torch.allclose(swept.per_example[1, 0], metric(a), atol=1e-5)
+    assert torch.allclose(swept.per_example[:, 1, 0], metric(a), atol=1e-5)  # [batch, *axes]
     # a dataset run, the intervention loaded from its file by the recipe
     items = [{"base": test.base[i], "source": test.source[i], "labels": int(test.labels[i])}
              for i in range(len(test))]
