@@ -87,6 +87,14 @@ def experiment(args) -> None:
     setups = [("clutter-digits-vit", das.digit_pairs, None, {"cls": "cls", "patches": "patches"}),
               ("clutter-digits-shortcut-vit", das.marker_pairs, "train",
                {"cls": "cls", "marker patch": Rect(0, 1, 0, 1)})]
+    if args.models:
+        keep = args.models.split(",")
+        setups = [st for st in setups if st[0] in keep]
+    if args.token_groups:
+        keep = args.token_groups.split(",")
+        setups = [(*st[:3], {k: v for k, v in st[3].items() if k in keep}) for st in setups]
+    if not setups or not all(st[3] for st in setups):
+        raise SystemExit("--models / --token-groups select nothing")
     tables, sweeps = [], []
     t_all = time.perf_counter()
     for name, make_pairs, shortcut, tokens in setups:
@@ -137,6 +145,10 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", default="cls", help="speed: the token group")
     ap.add_argument("--layers", default="1,3,5", help="experiment: layers")
     ap.add_argument("--cl-weights", default="0,1,10", help="experiment: CL weights")
+    ap.add_argument("--models", default="", help="experiment: comma-separated zoo models "
+                    "(default: clutter-digits-vit and clutter-digits-shortcut-vit)")
+    ap.add_argument("--token-groups", default="", help="experiment: token groups to keep "
+                    "(cls, patches, 'marker patch'; default: all)")
     ap.add_argument("--k", type=int, default=8, help="subspace dimension")
     ap.add_argument("--train", type=int, default=512, help="training pairs")
     ap.add_argument("--test", type=int, default=128, help="test pairs")

@@ -211,6 +211,59 @@ def test_forward_is_rotate_interchange_rotate_back(model64, tokens, idx):
     assert no_stray_hooks(model64)
 
 
+def test_trained_forward_is_rotate_interchange_rotate_back(model64):
+    """After training (parameters moved away from their initialisation) the forward still equals
+    the map written out by hand from the learned parameters, and `basis()` (what the
+    principal-angle check measures) is the span of the interchanged rotated coordinates."""
+    g = torch.Generator().manual_seed(6)
+    f64 = torch.float64
+    base, source = (torch.randn(24, 3, 32, 32, generator=g, dtype=f64) for _ in range(2))
+    labels = torch.randint(0, 5, (24,), generator=g)
+    hook, idx = "blocks.1.hook_resid_post", torch.tensor([0, 3, 4, 10])
+    site = Site("resid_post", layers=1, tokens=[0, 3, 4, 10])
+    k = 3
+    ivs = {"rot": das.RotatedSubspace(k, seed=2, dtype=f64),
+           "low": das.LowRankRotatedSubspace(k, seed=2, dtype=f64),
+           "bnd": das.BoundlessRotatedSubspace(k, seed=2, dtype=f64, temperature=(4.0, 1.0))}
+    for name, iv in ivs.items():
+        init = {n: v.detach().clone() for n, v in iv.build(32).state_dict().items()}
+        res = das.train_intervention(model64, site, iv, (base, source), labels, steps=6,
+                                     batch_size=8, eval_every=3, lr=5e-2, patience=None,
+                                     target_iia=None, progress=False)
+        assert res.steps == 6
+        moved = {n: float((v - init[n]).abs().max()) for n, v in iv.state_dict().items()
+                 if n in init and v.is_floating_point() and n != "temperature"}
+        assert max(moved.values()) > 1e-4, moved   # trained: not the initialisation any more
+        with torch.no_grad():
+            if name == "low":
+                Q = iv.rotate().detach()
+                assert torch.allclose(Q.T @ Q, torch.eye(k, dtype=f64), atol=1e-12)
+                assert torch.equal(iv.basis(), Q)
+
+                def hand(hb, hs, Q=Q):
+                    return hb + (hs - hb) @ Q @ Q.T
+            else:
+                R = iv.rotation.detach()
+                assert torch.allclose(R @ R.T, torch.eye(32, dtype=f64), atol=1e-12)
+                if name == "rot":
+                    M = torch.tensor([1.0] * k + [0.0] * (32 - k), dtype=f64)
+                else:
+                    w = 32 * float(torch.sigmoid(iv.boundary))
+                    T = float(iv.temperature)
+                    M = torch.tensor([1 / (1 + math.exp(-(w - i - 0.5) / T)) for i in range(32)],
+                                     dtype=f64)
+                assert torch.equal(iv.basis(), R[: iv.n_interchanged()].T)
+                assert iv.n_interchanged() == int((M > 0.5).sum())
+
+                def hand(hb, hs, R=R, M=M):
+                    return ((1 - M) * (hb @ R.T) + M * (hs @ R.T)) @ R
+            want = _hand_patch(model64, base[:4], source[:4], hook, idx, hand)
+            got = pl.patch(model64, base[:4], [(site, iv.with_source(source[:4]))])
+        assert torch.allclose(got, want, atol=1e-10, rtol=0), name
+    assert no_stray_hooks(model64)
+    assert all(p.grad is None for p in model64.parameters())
+
+
 def test_forward_per_head_at_z(model64):
     """At a per-head hook the rotation acts on each selected head's d_head vector."""
     g = torch.Generator().manual_seed(2)
@@ -303,7 +356,7 @@ def test_save_load_sweep_and_dataset_run(toy, tmp_path):
     swept = recipe.sweep(model, test.base, metric, layers=[0, 1], tokens=["patches", "cls"],
                          progress=False)
     assert swept.values.shape == (2, 2)
-    assert torch.allclose(swept.per_example[:, 1, 0], metric(a), atol=1e-5)  # [batch, layer, token]
+    assert torch.allclose(swept.per_example[:, 1, 0], metric(a), atol=1e-5)  # [batch, *axes]
     # a dataset run, the intervention loaded from its file by the recipe
     items = [{"base": test.base[i], "source": test.source[i], "labels": int(test.labels[i])}
              for i in range(len(test))]

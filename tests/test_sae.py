@@ -368,6 +368,68 @@ def test_feature_sweep_equals_a_naive_loop():
         pl.activation_patching(model, clean, corrupted, metric, per="feature", site="resid_pre")
 
 
+@pytest.mark.parametrize("layer", [1, 2])
+def test_feature_variants_resume_from_the_sae_input(layer):
+    """A variant that changes only the hook points of an SAE spliced at a block's output starts
+    from the SAE's input (block ``layer`` is not rerun: ``start_layers == layer + 1``) and gives
+    what the plain hooked forward pass gives: outputs, captures inside the SAE, at its hook point
+    and earlier in its block, and gradients at the SAE's features."""
+    from patchlens.model.splice import resume_point
+    from patchlens.patching.engine import Variant, run_variants
+
+    model, x, src = _model(), _x(2, seed=1), _x(2, seed=2)
+    hook = f"blocks.{layer}.hook_resid_post"
+    model.add_sae(_sae("topk", hook=hook), use_error_term=True)
+    acts, recons = f"{hook}.hook_sae_acts_post", f"{hook}.hook_sae_recons"
+    mid = f"blocks.{layer}.hook_resid_mid"
+    assert resume_point(model, acts) == (hook, layer + 1) and resume_point(model, mid) is None
+    with torch.no_grad():
+        _, c = model.run_with_cache(src, names_filter=acts)
+    feats = [[3], [0, 7], [39]]
+    variants = [Variant([(pl.Site("sae_acts_post", layers=layer, tokens=[0, 5], features=f),
+                          pl.Interchange(src))]) for f in feats]
+    variants.append(Variant([(pl.Site("sae_recons", layers=layer, tokens=[2]), pl.Scale(0.5))]))
+    metric = pl.metrics.logit_diff(1, 3)
+    watch = [acts, recons, hook, mid, "blocks.0.hook_resid_post"]
+    res = run_variants(model, x, variants, metric=metric, capture=watch, grads=[acts],
+                       keep_outputs=True, progress=False)
+    assert res.start_layers == [layer + 1] * 4
+    for i, f in enumerate(feats + [None]):
+        def put(a, hook, f=f):
+            a = a.clone()
+            if f is None:
+                a[:, [2]] *= 0.5
+            else:
+                for t in (0, 5):
+                    a[:, t, f] = c[acts][:, t, f]
+            return a
+
+        at = recons if f is None else acts
+        grabbed = {}
+
+        def grab(a, hook, grabbed=grabbed):
+            grabbed[hook.name] = a
+            return a
+
+        xs = x.clone()
+        with torch.enable_grad():
+            fwd = [(at, put)] + [(h, grab) for h in watch]
+            logits = model.run_with_hooks(xs, fwd_hooks=fwd)
+            (g,) = torch.autograd.grad(metric(logits).sum(), grabbed[acts])
+        assert (res.raw_outputs[i] - logits.detach()).abs().max() <= 1e-10
+        assert (res.outputs[i] - metric(logits).detach()).abs().max() <= 1e-10
+        for h in watch:
+            assert (res.captured[h][i] - grabbed[h].detach()).abs().max() <= 1e-10, h
+        assert (res.grads[acts][i] - g).abs().max() <= 1e-10
+    # a gradient or an observer earlier in the block needs the block: no resuming
+    seen = []
+    again = run_variants(model, x, variants[:1], metric=metric, grads=[mid], progress=False,
+                         observers=[(mid, lambda name, a, chunk: seen.append(name))])
+    assert again.start_layers == [layer] and seen == [mid]
+    assert (again.outputs[0] - res.outputs[0]).abs().max() <= 1e-10
+    assert _no_stray_hooks(model)
+
+
 def test_attribution_over_all_features_then_exact_top():
     from patchlens.sae.attribution import feature_attribution, patch_features
 

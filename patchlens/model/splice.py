@@ -203,6 +203,35 @@ def _set(model, path: str, module) -> None:
     parent._modules[local] = module  # same position in the module order: forward order kept
 
 
+def resume_point(model, hook: str) -> tuple[str, int] | None:
+    """Where a run that changes only ``hook`` can start, if ``hook`` is one of the hook points
+    of an SAE spliced at a block's output (``blocks.L.hook_resid_post.hook_sae_*``):
+    ``(splice hook name, L + 1)``. Such a run needs only the SAE's input there (the activation
+    at ``blocks.L.hook_resid_post``, which the change cannot affect) and `run_after_splice`,
+    not block ``L``. None for any other hook."""
+    parent, _, local = hook.rpartition(".")
+    if local not in SAE_HOOKS or not isinstance(model.hook_dict.get(parent), SAESplice):
+        return None
+    layer = _layer_of(parent)
+    if layer is None or parent != f"blocks.{layer}.hook_resid_post":
+        return None
+    return parent, layer + 1
+
+
+def run_after_splice(model, hook: str, x: Tensor, **forward_kwargs: Any) -> Tensor | None:
+    """Continue a forward pass from the input of the SAE spliced at ``hook``
+    (``blocks.L.hook_resid_post``, see `resume_point`): ``x`` ``[batch, pos, d_model]`` is
+    the activation at that hook point; the SAE runs (its hook points and their hooks fire),
+    then blocks ``L + 1 ...`` and the head (``forward_kwargs`` go to the model's forward).
+    Equals the full forward pass whose activation at ``hook`` is ``x``."""
+    splice_ = model.hook_dict.get(hook)
+    point = None if splice_ is None else resume_point(model, f"{hook}.hook_sae_output")
+    if not isinstance(splice_, SAESplice) or point is None:
+        raise InputError(f"{hook} is not a block's resid_post with an SAE spliced in; "
+                         "run_after_splice resumes from such a splice only.")
+    return model(splice_.run_sae(x), start_at_layer=point[1], **forward_kwargs)
+
+
 def splices(model) -> dict[str, SAESplice]:
     """``{hook name: SAESplice}`` of every SAE spliced into ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SAESplice)}
@@ -226,4 +255,4 @@ def assign_aliases(model, by_hook: Mapping[str, SAESplice]) -> None:
 
 
 __all__ = ["SAESplice", "SAE_HOOKS", "splice", "unsplice", "splices", "assign_aliases",
-           "flatten_for"]
+           "flatten_for", "resume_point", "run_after_splice"]

@@ -1,8 +1,10 @@
 """The patching engine: runs many variants (sets of site/intervention pairs) on one target batch.
 
 Variants are stacked along the batch axis, grouped by the first layer they touch so that each
-group starts from the unpatched residual stream at that layer (prefix reuse), split into
-chunks that fit a memory budget, and patched by one vectorised hook per hook point. The engine
+group starts from the unpatched residual stream at that layer (prefix reuse; variants that change
+only the hook points of an SAE spliced at a block's output start from the SAE's input, skipping
+that block: `patchlens.model.splice.resume_point`), split into chunks that fit a memory budget,
+and patched by one vectorised hook per hook point. The engine
 is the only place that installs hooks: it also captures activations and, on request, their
 gradients with respect to a metric (`run_variants(..., grads=...)`, `capture`).
 
@@ -26,6 +28,7 @@ from patchlens.errors import InputError
 from patchlens.metrics import check_metric_batch
 from patchlens.model.capture import Capture, differentiable_input
 from patchlens.model.hooks import HookSpec, required_options
+from patchlens.model.splice import resume_point, run_after_splice
 from patchlens.patching.checks import check_batch, check_metric_values
 from patchlens.patching.interventions import Custom, Gather, Intervention, as_intervention
 from patchlens.patching.sites import ResolvedSite, Site
@@ -51,7 +54,9 @@ class EngineResult:
         outputs: ``[V, B]`` metric values, or ``[V, B, ...]`` model outputs without a metric.
         captured: ``{hook: [V, B, ...]}`` activations of the patched runs (``capture=`` and
             ``grads=`` hooks).
-        start_layers: the block each variant's run started at (-1: from the image).
+        start_layers: the block each variant's run started at (-1: from the image; a variant
+            that changes only an SAE spliced at block ``L``'s output starts from the SAE's
+            input and runs from block ``L + 1``: ``L + 1``).
         grads: ``{hook: [V, B, ...]}`` gradient of the summed metric with respect to the
             (patched) activation at each ``grads=`` hook.
         raw_outputs: ``[V, B, ...]`` model outputs next to the metric (``keep_outputs=True``).
@@ -82,6 +87,7 @@ class _Plan:
     chunks: list[list[int]]
     layout: Any
     reads: list[str] = field(default_factory=list)  # hooks interventions read (`Intervention.reads`)
+    resume: list[str | None] = field(default_factory=list)  # per variant: SAE splice it starts at
 
 
 def parse_bytes(budget: str | int | float) -> int:
@@ -174,9 +180,10 @@ def run_variants(
     with (torch.no_grad() if differentiable else torch.inference_mode()), \
             model.options(**plan.flags):
         sources = _reference_activations(model, plan.resolved, x.shape[0], batch_size)
-        need = sorted({s for s in plan.starts if s >= 0})
-        base = {s: prefix[s] for s in need if s in prefix}
-        base.update(_base_residuals(model, x, [s for s in need if s not in prefix]))
+        need = sorted({s for s, r in zip(plan.starts, plan.resume) if s >= 0 and r is None})
+        base: dict[int | str, Tensor] = {s: prefix[s] for s in need if s in prefix}
+        base.update(_base_residuals(model, x, [s for s in need if s not in prefix],
+                                    sorted({r for r in plan.resume if r is not None})))
         # capture (and read) hooks that lie before a chunk's start layer hold the unpatched values
         early = [h for h in dict.fromkeys(capture + plan.reads)
                  if start_layer(model, model.hook_spec(h)) < max(plan.starts) and h not in grads]
@@ -239,8 +246,9 @@ def _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_siz
     layout = model.layout_for(tuple(x.shape[-2:]))
     n = cfg.n_layers
     grad_start = min((start_layer(model, model.hook_spec(h)) for h in grads), default=n)
-    resolved, starts = [], []
+    resolved, starts, resume = [], [], []
     for v in variants:
+        resume.append(None)
         pairs = [(rs, site, iv) for site, raw in v.pairs
                  for iv in [as_intervention(raw)] for rs in site.resolve(model, grid)]
         for rs, site, _ in pairs:
@@ -251,6 +259,10 @@ def _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_siz
         resolved.append(pairs)
         first = min((start_layer(model, rs.spec) for rs, _, _ in pairs), default=n)
         starts.append(min(first, grad_start) if prefix_reuse else -1)
+        point = _resume(model, pairs, grads, observers) if prefix_reuse else None
+        if point is not None:
+            resume[-1:] = [point[0]]
+            starts[-1] = point[1]
     reads = _check_reads(model, resolved)
     hooks = ({rs.hook for pairs in resolved for rs, _, _ in pairs} | set(capture) | set(grads)
              | {name for name, _ in observers} | set(reads))
@@ -266,12 +278,30 @@ def _plan(model, x, variants, capture, grads, observers, prefix_reuse, batch_siz
         rows = max(b, batch_size)
     per_chunk = max(1, rows // b)
     chunks: list[list[int]] = []
-    for i in sorted(range(len(variants)), key=lambda i: starts[i]):
-        if chunks and starts[chunks[-1][0]] == starts[i] and len(chunks[-1]) < per_chunk:
+    def group(i):
+        return starts[i], resume[i] or ""
+
+    for i in sorted(range(len(variants)), key=group):
+        if chunks and group(chunks[-1][0]) == group(i) and len(chunks[-1]) < per_chunk:
             chunks[-1].append(i)
         else:
             chunks.append([i])
-    return _Plan(resolved, starts, flags, chunks, layout, reads)
+    return _Plan(resolved, starts, flags, chunks, layout, reads, resume)
+
+
+def _resume(model, pairs, grads, observers) -> tuple[str, int] | None:
+    """``(splice, block)`` when every site of a variant lies inside one SAE spliced at a
+    block's output (`resume_point`) and nothing else must run in that block (no gradient or
+    observer hook there, no intervention reading activations): the variant then starts from
+    the SAE's input. None otherwise."""
+    points = {resume_point(model, rs.hook) for rs, _, _ in pairs}
+    if len(points) != 1 or None in points or any(iv.reads for _, _, iv in pairs):
+        return None
+    point = points.pop()
+    for h in [*grads, *(name for name, _ in observers)]:
+        if resume_point(model, h) != point and start_layer(model, model.hook_spec(h)) < point[1]:
+            return None
+    return point
 
 
 def _check_reads(model, resolved) -> list[str]:
@@ -326,17 +356,22 @@ def _run_and_keep(model, x: Tensor, hooks: list[str], step: int) -> dict[str, Te
     return {h: torch.cat(p) for h, p in parts.items()}
 
 
-def _base_residuals(model, x: Tensor, layers: list[int]) -> dict[int, Tensor]:
+def _base_residuals(model, x: Tensor, layers: list[int],
+                    splices: Sequence[str] = ()) -> dict[int | str, Tensor]:
     """The unpatched residual stream entering each block in ``layers`` (n_layers: after the
-    last block), from one forward pass."""
-    if not layers:
+    last block) and the input of each SAE spliced at ``splices`` (its hook point's
+    activation), from one forward pass."""
+    if not layers and not splices:
         return {}
     n = model.cfg.n_layers
-    names = {l: (f"blocks.{l}.hook_resid_pre" if l < n else f"blocks.{n - 1}.hook_resid_post")
-             for l in layers}
-    cap = Capture(list(names.values()))
+    names: dict[int | str, str] = {
+        l: (f"blocks.{l}.hook_resid_pre" if l < n else f"blocks.{n - 1}.hook_resid_post")
+        for l in layers}
+    names.update({h: h for h in splices})
+    stop = max([l + 1 for l in layers] + [model.hook_spec(h).layer + 1 for h in splices])
+    cap = Capture(list(dict.fromkeys(names.values())))
     with model.hooks(fwd_hooks=cap.hooks()):
-        last = model(x, return_type=None, stop_at_layer=min(max(layers) + 1, n))
+        last = model(x, return_type=None, stop_at_layer=min(stop, n))
     out = {l: cap.acts[name] for l, name in names.items()}
     if n in out:  # what the head reads: the blocks' output (after an SAE spliced at the last
         out[n] = last  # resid_post, whose hook point holds the SAE's input)
@@ -355,7 +390,7 @@ def _execute(model, x, variants, plan: _Plan, sources, base, unpatched, *, metri
     bar = _progress(len(variants), progress, len(plan.chunks))
     try:
         for chunk in plan.chunks:
-            s = plan.starts[chunk[0]]
+            s, via = plan.starts[chunk[0]], plan.resume[chunk[0]]
             entries = [_Entry(slot, vi, k, rs, site, iv)
                        for slot, vi in enumerate(chunk)
                        for k, (rs, site, iv) in enumerate(plan.resolved[vi])]
@@ -367,7 +402,9 @@ def _execute(model, x, variants, plan: _Plan, sources, base, unpatched, *, metri
             hooks += keep.hooks() + keep_grad.hooks()
             if observers:
                 hooks += _observer_hooks(observers, torch.tensor(chunk))
-            if s < 0:
+            if via is not None:  # from the input of an SAE spliced at a block's output
+                inp = base[via].repeat(len(chunk), 1, 1)
+            elif s < 0:
                 inp, kwargs = x.repeat(len(chunk), 1, 1, 1), {}
             else:
                 inp, kwargs = base[s].repeat(len(chunk), 1, 1), {"start_at_layer": s}
@@ -375,7 +412,10 @@ def _execute(model, x, variants, plan: _Plan, sources, base, unpatched, *, metri
                 inp = differentiable_input(inp)
             mode = torch.enable_grad() if differentiable else torch.inference_mode()
             with mode, model.hooks(fwd_hooks=hooks):
-                out = model(inp, return_type=return_type, **kwargs)
+                if via is not None:
+                    out = run_after_splice(model, via, inp, return_type=return_type)
+                else:
+                    out = model(inp, return_type=return_type, **kwargs)
                 labels = [variants[i].label for i in chunk]
                 values = _apply_metric(metric, out, len(chunk), b, labels)
                 chunk_grads = keep_grad.gradients(values.sum()) if grads else {}
