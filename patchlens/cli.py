@@ -24,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 BENCHMARKS = {
     "forward": "HookedViT forward cost against the source timm model",
     "patching": "a layer x token sweep: the engine against a naive loop and the compute floor",
+    "path": "path patching of every head to the logits against a naive per-sender loop",
     "per_image": "per-image token selections against a per-image loop and a shared selection",
     "caap": "cost of one CAAP map of a 224 px image",
     "attribution": "every attribution method's localisation and faithfulness on clutter-digits",

@@ -185,7 +185,8 @@ _WHAT = {"model": "another model (weights or config)",
 
 def check_fingerprint(stored: dict[str, Any], current: dict[str, Any], out_dir: Any) -> None:
     """`InputError` when resuming ``out_dir`` with another model, task or dataset."""
-    diff = [k for k in ("model", "task", "data") if stored.get(k) != current.get(k)]
+    # run.json's keys: the task is stored under "recipe" (its name before 0.2)
+    diff = [k for k in ("model", "recipe", "data") if stored.get(k) != current.get(k)]
     if not diff:
         return
     what = "; ".join(f"{_WHAT[k]} ({', '.join(differences(stored.get(k), current.get(k), k))})"
