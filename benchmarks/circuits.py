@@ -9,6 +9,10 @@ Measured in one process:
   - reference: one forward pass of the clean + corrupted batch (the HookedViT, no hooks);
   - EAP over every edge and EAP-IG (inputs) with ``--steps`` steps, timed in interleaved rounds
     with the reference (median of the per-round ratios), and one run of EAP-IG (activations);
+  - their compute floors, timed in the same rounds: the plain model's passes no edge
+    attribution can avoid (EAP: a forward of the corrupted batch and a forward + backward of
+    the clean batch; EAP-IG: a forward of both batches and one forward + backward of the k
+    interpolated clean batches at once), without hooks;
   - exact edge patching of ``--edges`` edges spread over the graph against (a) the naive loop,
     one ``run_with_hooks`` per edge on the receiver's split input, and (b) the compute floor:
     the HookedViT's own per-image forward time at the engine's batch size times the fraction
@@ -64,8 +68,24 @@ def vit_small(args):
         return lambda: edge_scores(model, clean, corrupted, metric, method=name, graph=graph,
                                    **kw)
 
+    def grad_pass(x):
+        z = x.detach().requires_grad_(True)
+        torch.autograd.grad(metric(model(z)).sum(), z)
+
+    def eap_floor():
+        with torch.inference_mode():
+            model(corrupted)
+        grad_pass(clean)
+
     k = args.steps
-    fns = {"forward": forward, "eap": method("eap"), f"eap-ig k={k}": method("eap-ig", ig_steps=k)}
+
+    def ig_floor():
+        with torch.inference_mode():
+            model(both)
+        grad_pass(clean.repeat(k, 1, 1, 1))
+
+    fns = {"forward": forward, "eap": method("eap"), f"eap-ig k={k}": method("eap-ig", ig_steps=k),
+           "eap floor": eap_floor, "eap-ig floor": ig_floor}
     samples: dict[str, list[float]] = {}
     med = time_interleaved(fns, repeats=args.repeats, warmup=1, device=args.device,
                            samples_out=samples)
@@ -78,6 +98,11 @@ def vit_small(args):
         ratios[key] = r
         print(f"  {key:26s} median {med[key]:8.2f} s = {r:6.2f}x the forward (per-round ratios "
               f"{lo:.2f}-{hi:.2f}; target <= {target:g}x)")
+    for key, floor in (("eap", "eap floor"), (f"eap-ig k={k}", "eap-ig floor")):
+        r, lo, hi = paired_ratio(samples, key, floor)
+        ratios[f"{key} / floor"] = r
+        print(f"  {key:26s} / its compute floor {r:5.2f} (per-round {lo:.2f}-{hi:.2f}; the floor "
+              f"is {paired_ratio(samples, floor, 'forward')[0]:.2f}x the forward)")
     t, _ = timed(method("eap-ig", ig_steps=k, ig="activations"), args.device)
     ratios[f"eap-ig (activations) k={k}"] = t / med["forward"]
     print(f"  {'eap-ig (activations) k=' + str(k):26s} one run {t:8.2f} s = "
