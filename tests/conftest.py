@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import timm
 import torch
@@ -9,6 +11,17 @@ import torch
 from patchlens import HookedViT, ViTConfig
 
 torch.set_num_threads(2)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def perturb_(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> torch.nn.Module:

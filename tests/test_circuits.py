@@ -242,6 +242,19 @@ def test_eap_ig_with_one_step_is_eap(model, pair, ig):
     assert five.name == ("eap-ig" if ig == "inputs" else "eap-ig (activations)")
 
 
+def zeroed_model(cfg) -> pl.HookedViT:
+    """A float64 model whose weights are all zero except the LayerNorm scales (1): the
+    hand-built models below set only the weights their circuit uses."""
+    m = pl.HookedViT(cfg).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for mod in m.modules():
+            if isinstance(mod, pl.model.components.LayerNorm):
+                mod.w.fill_(1.0)
+    return m
+
+
 def linear_path_model():
     """A model made linear (identity activation, LayerNorms replaced by their affine part,
     uniform attention) in which one path carries the whole clean-corrupted difference: the
@@ -251,13 +264,10 @@ def linear_path_model():
     torch.manual_seed(3)
     cfg = pl.ViTConfig(d_model=8, d_head=4, n_heads=2, n_layers=1, d_mlp=8, image_size=(16, 16),
                        patch_size=(8, 8), n_classes=3, act_fn="identity")
-    m = pl.HookedViT(cfg).double().eval()
+    m = zeroed_model(cfg)
     with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
         for mod in m.modules():
             if isinstance(mod, pl.model.components.LayerNorm):
-                mod.w.fill_(1.0)
                 mod.forward = lambda x, mod=mod: x * mod.w + mod.b
         m.embed.proj.weight[:4] = torch.randn(4, 3, 8, 8, dtype=torch.float64) * 0.05
         attn = m.blocks[0].attn
@@ -453,13 +463,8 @@ def known_circuit_model():
     circuit is embed@label -> a1.h1<v>, a1.h1 -> logits, a1.h1 -> m1, m1 -> logits."""
     cfg = pl.ViTConfig(d_model=16, d_head=8, n_heads=2, n_layers=2, d_mlp=4, image_size=(16, 16),
                        patch_size=(8, 8), n_classes=2, act_fn="relu")
-    m = pl.HookedViT(cfg).double().eval()
+    m = zeroed_model(cfg)
     with torch.no_grad():
-        for p in m.parameters():
-            p.zero_()
-        for mod in m.modules():
-            if isinstance(mod, pl.model.components.LayerNorm):
-                mod.w.fill_(1.0)
         # content: dims 0/1 = +-mean pixel value of each patch
         m.embed.proj.weight[0] = 1.0 / 192
         m.embed.proj.weight[1] = -1.0 / 192

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import torch_threads
 
 import patchlens as pl
 from patchlens import HookedViT, InputError, Rect, Site, ViTConfig, das, run
@@ -79,12 +80,8 @@ def no_stray_hooks(model) -> bool:
 def one_thread():
     """Tiny models: one intra-op thread (a shared machine's thread pool costs more than the
     arithmetic), and runs comparable bit for bit (the determinism test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

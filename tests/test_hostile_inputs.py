@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import torch_threads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -635,10 +636,8 @@ CASES += CIRCUIT_CASES + DAS_CASES + SAE_CASES + ROTARY_CASES
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models: one thread is as fast, and a busy machine does not stall a second one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_
+from conftest import perturb_, torch_threads
 from test_caap import naive_caap
 
 import patchlens as pl
@@ -27,10 +27,8 @@ FAST = {"rise": dict(n_masks=16, batch_size=8), "integrated_gradients": dict(n_s
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models: one thread is as fast, and a busy machine does not stall a second one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _model(dtype=torch.float64, **kw) -> HookedViT:

@@ -3,7 +3,6 @@ bad inputs. Subprocess tests launch real processes (accelerate launch / python) 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torch_threads
 from safetensors.torch import save_file
 
 import patchlens
@@ -51,21 +51,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Every process computes with one thread, so results are comparable bit for bit (the
     fused CPU attention kernel gives other bits with 1 and 2 threads at these shapes)."""
-    with _threads(1):
+    with torch_threads(1):
         yield
 
 
@@ -89,7 +79,7 @@ def reference(model_json, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
     # module-scoped fixtures run before the function-scoped `one_thread`: pin the thread count
     # here too, or the reference is computed with another thread count than the runs it checks
-    with _threads(1):
+    with torch_threads(1):
         assert cli_main(["caap", f"zoo:clutter-digits:{N}", "--out", str(out), "--model", model_json,
                          *CLI_ARGS]) == 0
     return out
@@ -392,7 +382,7 @@ def test_resume_in_another_environment_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same environment: no warning
         dataset(_logits, x, out, model=m, batch_size=2, shard_size=2, verbose=False)
-    with _threads(2), pytest.warns(RunEnvironmentWarning, match=r"threads: 1 -> 2"):
+    with torch_threads(2), pytest.warns(RunEnvironmentWarning, match=r"threads: 1 -> 2"):
         dataset(_logits, x, out, model=m, batch_size=2, shard_size=2, verbose=False)
     with pytest.warns(RunEnvironmentWarning, match=r"batch_size: 2 -> 3"):
         dataset(_logits, x, out, model=m, batch_size=3, shard_size=2, verbose=False)

@@ -25,6 +25,7 @@ from patchlens.model.convert.timm_layers import (
     act_fields,
     attention_pool_fields,
     check_layer_norm,
+    check_patch_embed,
     data_config,
     fuse_mlp_keys,
     mlp_fields,
@@ -100,18 +101,7 @@ def _qkv_bias(attn: nn.Module) -> bool:
 def eva_config(model: nn.Module, source: str = "") -> ViTConfig:
     """Read a `ViTConfig` off a timm ``Eva``; raise `UnsupportedModelError` naming the first
     feature patchlens cannot reproduce exactly."""
-    from timm.layers import PatchEmbed
-
-    if type(model.patch_embed) is not PatchEmbed:
-        raise UnsupportedModelError(
-            f"patch embedding {type(model.patch_embed).__name__} is not supported; patchlens "
-            "needs a plain linear patch projection."
-        )
-    pe = model.patch_embed
-    if not is_identity(getattr(pe, "norm", None)):
-        raise UnsupportedModelError("a norm inside the patch embedding is not supported.")
-    if getattr(pe, "dynamic_img_pad", False):
-        raise UnsupportedModelError("dynamic_img_pad is not supported.")
+    pe = check_patch_embed(model)
     if model.training and model.patch_drop is not None:
         raise UnsupportedModelError("patch dropout is not supported (convert the model in eval "
                                     "mode).")

@@ -21,6 +21,7 @@ from patchlens.model.convert.timm_layers import (
     act_fields,
     attention_pool_fields,
     check_layer_norm,
+    check_patch_embed,
     data_config,
     fuse_mlp_keys,
     mlp_fields,
@@ -31,7 +32,6 @@ from patchlens.model.convert.timm_layers import (
 def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
     """Read a `ViTConfig` off a timm VisionTransformer or Eva; raise `UnsupportedModelError`
     naming the first feature patchlens cannot reproduce exactly."""
-    from timm.layers import PatchEmbed
     from timm.layers.attention import Attention as TimmAttention
     from timm.models.vision_transformer import VisionTransformer
 
@@ -47,16 +47,7 @@ def timm_config(model: nn.Module, source: str = "") -> ViTConfig:
         )
     if type(model).__name__ not in ("VisionTransformer", "VisionTransformerDistilled"):
         raise UnsupportedModelError(f"timm class {kind} changes the ViT forward pass; not supported.")
-    if type(model.patch_embed) is not PatchEmbed:
-        raise UnsupportedModelError(
-            f"patch embedding {type(model.patch_embed).__name__} (hybrid CNN stem) is not supported;"
-            " patchlens needs a plain linear patch projection."
-        )
-    pe = model.patch_embed
-    if not is_identity(getattr(pe, "norm", None)):
-        raise UnsupportedModelError("a norm inside the patch embedding (embed_norm_layer) is not supported.")
-    if getattr(pe, "dynamic_img_pad", False):
-        raise UnsupportedModelError("dynamic_img_pad is not supported.")
+    pe = check_patch_embed(model)
     if model.pos_embed is None:
         raise UnsupportedModelError("models without a learned position embedding are not supported.")
     if not is_identity(getattr(model, "patch_drop", None)) and model.training:

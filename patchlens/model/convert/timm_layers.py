@@ -13,6 +13,25 @@ from patchlens.errors import UnsupportedModelError
 from patchlens.model.convert.common import activation_name, is_identity
 
 
+def check_patch_embed(model: nn.Module) -> nn.Module:
+    """``model.patch_embed`` if it is timm's plain linear ``PatchEmbed`` (no hybrid CNN stem, no
+    norm inside, no dynamic padding); `UnsupportedModelError` naming the feature otherwise."""
+    from timm.layers import PatchEmbed
+
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed:
+        raise UnsupportedModelError(
+            f"patch embedding {type(pe).__name__} (hybrid CNN stem) is not supported; patchlens "
+            "needs a plain linear patch projection."
+        )
+    if not is_identity(getattr(pe, "norm", None)):
+        raise UnsupportedModelError("a norm inside the patch embedding (embed_norm_layer) is not "
+                                    "supported.")
+    if getattr(pe, "dynamic_img_pad", False):
+        raise UnsupportedModelError("dynamic_img_pad is not supported.")
+    return pe
+
+
 def check_layer_norm(m: nn.Module, where: str) -> float:
     """The eps of an affine ``nn.LayerNorm``; `UnsupportedModelError` for anything else."""
     if not isinstance(m, nn.LayerNorm):
